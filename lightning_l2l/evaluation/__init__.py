@@ -1,0 +1,22 @@
+"""Tuned baselines, learned-vs-baseline comparisons, tables and plots."""
+
+from lightning_l2l.evaluation.baselines import (
+    BASELINES,
+    DEFAULT_LR_GRID,
+    TunedBaseline,
+    baseline_curve,
+    tune_baseline,
+)
+from lightning_l2l.evaluation.comparison import LEARNED, Comparison, compare, mean_curve
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_LR_GRID",
+    "TunedBaseline",
+    "baseline_curve",
+    "tune_baseline",
+    "LEARNED",
+    "Comparison",
+    "compare",
+    "mean_curve",
+]

@@ -1,0 +1,92 @@
+"""Hand-designed baselines at their tuned learning rate, as the paper compares against (section 3).
+
+Each baseline's learning rate is picked from a log grid by the best mean loss at the horizon on
+validation tasks, then the baseline is run on test tasks it was not tuned on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_l2l.tasks import Task
+
+__all__ = ["BASELINES", "DEFAULT_LR_GRID", "baseline_curve", "tune_baseline", "TunedBaseline"]
+
+OptimizerFactory = Callable[[Iterable[Tensor], float], torch.optim.Optimizer]
+
+BASELINES: dict[str, OptimizerFactory] = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "nag": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+
+#: 10^-5 ... 10^1 in steps of 10^0.25 (25 values)
+DEFAULT_LR_GRID: tuple[float, ...] = tuple(10 ** (-5 + 0.25 * i) for i in range(25))
+
+
+def baseline_curve(
+    name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Loss per problem of baseline ``name`` at ``lr`` over ``num_steps`` steps: ``(num_steps + 1,)``.
+
+    A run that turns non-finite stays non-finite (``inf``) from that step on.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; available: {sorted(BASELINES)}")
+    with torch.inference_mode(False), torch.enable_grad():
+        params = {n: p.to(device).requires_grad_() for n, p in task.init_params().items()}
+        opt = BASELINES[name](list(params.values()), lr)
+        curve = []
+        for step in range(num_steps + 1):
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(params, step)
+            value = loss.detach() / task.num_problems
+            curve.append(value)
+            if not torch.isfinite(value):
+                curve.extend([torch.full_like(value, math.inf)] * (num_steps - step))
+                break
+            if step < num_steps:
+                loss.backward()
+                opt.step()
+    return torch.stack(curve).cpu()
+
+
+@dataclass
+class TunedBaseline:
+    """A baseline with the learning rate picked on validation tasks."""
+
+    name: str
+    lr: float
+    #: mean loss per problem at the horizon on the validation tasks, per grid learning rate
+    scores: dict[float, float]
+
+    @property
+    def at_grid_edge(self) -> bool:
+        """True when the best rate is the smallest or largest of the grid: widen the grid."""
+        lrs = sorted(self.scores)
+        return self.lr in (lrs[0], lrs[-1])
+
+
+def tune_baseline(
+    name: str,
+    tasks: Sequence[Task],
+    num_steps: int,
+    lr_grid: Sequence[float] = DEFAULT_LR_GRID,
+    device: torch.device | str | None = None,
+) -> TunedBaseline:
+    """Pick ``name``'s learning rate from ``lr_grid`` by the mean loss at ``num_steps`` on ``tasks``."""
+    if not tasks:
+        raise ValueError("tune_baseline needs at least one validation task")
+    scores: dict[float, float] = {}
+    for lr in lr_grid:
+        finals = [float(baseline_curve(name, lr, t, num_steps, device)[-1]) for t in tasks]
+        score = sum(finals) / len(finals)
+        scores[lr] = score if math.isfinite(score) else math.inf
+    best = min(scores, key=lambda lr: scores[lr])
+    return TunedBaseline(name, best, scores)

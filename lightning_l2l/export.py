@@ -1,0 +1,67 @@
+"""``l2l export``: write a meta-trained rule as ``.safetensors`` weights plus a JSON config.
+
+    l2l export --ckpt runs/quadratic/checkpoints/best.ckpt --out lightning_l2l/pretrained/quadratic
+
+The checkpoint is read with ``torch.load(weights_only=True)``: no code from it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_l2l.nets import UpdateRule, WeightsError, build_rule, save_rule
+
+__all__ = ["rule_from_checkpoint", "export_checkpoint", "main"]
+
+
+def rule_from_checkpoint(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
+    """Rebuild the rule of a ``MetaLearner`` checkpoint; returns ``(rule, checkpoint)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise WeightsError(f"{path} could not be read as a Lightning checkpoint ({err})") from err
+    if "l2l_rule_config" not in ckpt or "state_dict" not in ckpt:
+        raise WeightsError(f"{path} is not a lightning_l2l MetaLearner checkpoint (no rule config in it)")
+    rule = build_rule(json.loads(ckpt["l2l_rule_config"]))
+    prefix = "rule."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        rule.load_state_dict(state)
+    except RuntimeError as err:
+        raise WeightsError(f"{path}: the rule's weights do not match its config ({err})") from err
+    return rule, ckpt
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, command: str | None = None) -> Path:
+    """Export the rule of a ``MetaLearner`` checkpoint to ``OUT.safetensors`` + ``OUT.json``."""
+    rule, ckpt = rule_from_checkpoint(ckpt_path)
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if isinstance(v, (int, float, str, bool))}
+    metadata = {
+        "source_checkpoint": str(ckpt_path),
+        "global_step": int(ckpt.get("global_step", 0)),
+        "meta_hparams": hparams,
+    }
+    if command:
+        metadata["command"] = command
+    return save_rule(rule, out, metadata)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="l2l export", description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a MetaLearner checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="output path without extension (writes OUT.safetensors, OUT.json)")
+    parser.add_argument("--command", default=None, help="the command that reproduces the checkpoint, stored as metadata")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.ckpt, args.out, args.command)
+    except WeightsError as err:
+        raise SystemExit(f"l2l export: {err}") from None
+    print(f"wrote {path} and {path.with_suffix('.json')}")

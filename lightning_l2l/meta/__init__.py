@@ -1,0 +1,5 @@
+"""Meta-training: the ``MetaLearner`` LightningModule."""
+
+from lightning_l2l.meta.learner import MetaLearner
+
+__all__ = ["MetaLearner"]

@@ -1,0 +1,274 @@
+"""``MetaLearner``: meta-trains an update rule with truncated BPTT (Andrychowicz et al., 2016)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, SumMetric
+
+from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
+from lightning_l2l.nets import UpdateRule
+from lightning_l2l.tasks import Task, TaskFamily
+from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+
+__all__ = ["MetaLearner"]
+
+# Offsets keep the seed streams of training, validation and test tasks apart.
+_VAL_SEED_OFFSET = 1_000_003
+_TEST_SEED_OFFSET = 2_000_003
+_RANK_SEED_STRIDE = 7_919
+
+
+class MetaLearner(L.LightningModule):
+    """Meta-trains an update rule ``m(.; phi)`` on tasks sampled from a family.
+
+    One ``training_step`` is one truncation of truncated BPTT (sections 2 and 3 of the paper):
+    run ``unroll`` steps of the current optimizee trajectory with the rule, take the meta-loss
+    ``L(phi) = sum_t w_t f(theta_t)`` (``w_t = 1``, averaged over steps and problems), one
+    ``manual_backward``, clip, one Adam step on ``phi``, detach, and start a new task once the
+    trajectory reaches ``horizon`` steps. A truncation whose losses turn NaN or infinite is dropped
+    (no backward, no step), counted in ``train/nonfinite_trajectories``, and its task replaced.
+
+    Validation runs the frozen rule for ``horizon`` steps on ``num_val_tasks`` fixed held-out tasks
+    and logs ``val/final_loss`` (mean loss per problem at the last step) and ``val/mean_loss``
+    (over the trajectory); a ``ModelCheckpoint`` on ``val/final_loss`` keeps the early-stopped
+    optimizer the paper reports. Test runs the frozen rule on ``num_test_tasks`` fresh tasks against
+    SGD, NAG, RMSprop and Adam at learning rates tuned on the validation tasks, and writes a table,
+    a CSV of the curves and a plot.
+
+    Args:
+        rule: the update rule to meta-train (e.g. ``CoordinatewiseLSTM``).
+        task_family: tasks for meta-training; validation and test tasks come from it too, from
+            seed streams training never draws from, unless ``eval_family`` is given.
+        eval_family: family for validation and test tasks (e.g. more steps or held-out data).
+        horizon: optimizee steps per trajectory (paper: 100).
+        unroll: steps per truncation (paper: 20); must divide into the horizon at most once per step.
+        meta_lr: Adam learning rate on the rule's weights.
+        grad_clip: gradient-norm clip on the meta-gradient (``0`` disables).
+        second_derivatives: backpropagate through the optimizee gradients (paper: off).
+        truncations_per_epoch: training steps per epoch (sets how often validation runs).
+        num_val_tasks: held-out validation tasks (also used to tune the baselines).
+        num_test_tasks: held-out test tasks.
+        seed: base seed of every task stream.
+        baselines: baselines the test compares against.
+        lr_grid: learning rates the baselines are tuned over.
+        report_dir: where test writes ``comparison.{md,csv,png}``; default: the logger's directory.
+    """
+
+    def __init__(
+        self,
+        rule: UpdateRule,
+        task_family: TaskFamily,
+        eval_family: TaskFamily | None = None,
+        horizon: int = 100,
+        unroll: int = 20,
+        meta_lr: float = 3e-3,
+        grad_clip: float = 1.0,
+        second_derivatives: bool = False,
+        truncations_per_epoch: int = 100,
+        num_val_tasks: int = 2,
+        num_test_tasks: int = 2,
+        seed: int = 0,
+        baselines: list[str] | None = None,
+        lr_grid: list[float] | None = None,
+        report_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must be an UpdateRule (e.g. CoordinatewiseLSTM), got {type(rule).__name__}")
+        if not isinstance(task_family, TaskFamily):
+            raise TypeError(
+                f"task_family must be a TaskFamily (e.g. lightning_l2l.tasks.QuadraticFamily), got {type(task_family).__name__}"
+            )
+        if horizon < 1:
+            raise ValueError(f"Invalid horizon: {horizon} (expected >= 1 optimizee steps per trajectory; the paper uses 100)")
+        if unroll < 1:
+            raise ValueError(f"Invalid unroll: {unroll} (expected >= 1 steps per truncation; the paper uses 20)")
+        if unroll > horizon:
+            raise ValueError(
+                f"unroll ({unroll}) is longer than the horizon ({horizon}): a truncation cannot run past the end "
+                "of its trajectory; set unroll <= horizon (the paper: unroll 20, horizon 100)"
+            )
+        if meta_lr <= 0:
+            raise ValueError(f"Invalid meta_lr: {meta_lr} (expected > 0)")
+        if grad_clip < 0:
+            raise ValueError(f"Invalid grad_clip: {grad_clip} (expected >= 0; 0 disables clipping)")
+        for name, n in (("truncations_per_epoch", truncations_per_epoch), ("num_val_tasks", num_val_tasks),
+                        ("num_test_tasks", num_test_tasks)):
+            if n < 1:
+                raise ValueError(f"Invalid {name}: {n} (expected >= 1)")
+        from lightning_l2l.evaluation import BASELINES
+
+        baselines = list(baselines) if baselines is not None else ["sgd", "nag", "rmsprop", "adam"]
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; available: {sorted(BASELINES)}")
+        self.save_hyperparameters(ignore=["rule", "task_family", "eval_family"])
+        self.automatic_optimization = False
+        self.rule = rule
+        self.task_family = task_family
+        self.eval_family = eval_family or task_family
+        self.baselines = baselines
+        self.lr_grid = list(lr_grid) if lr_grid is not None else list(DEFAULT_LR_GRID)
+        self._traj: Trajectory | None = None
+        self._generator: torch.Generator | None = None
+        self.val_tasks: list[Task] = []
+        self.test_tasks: list[Task] = []
+        self._test_curves: list[torch.Tensor] = []
+        self.comparison: Comparison | None = None
+        self.report_paths: dict[str, Path] = {}
+        self.val_final = MeanMetric()
+        self.val_mean = MeanMetric()
+        self.test_final = MeanMetric()
+        self.nonfinite = SumMetric()
+        self.nonfinite_count = 0
+
+    # ----------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        seed = int(self.hparams.seed)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._generator = torch.Generator().manual_seed(seed + _RANK_SEED_STRIDE * rank)
+        val_gen = torch.Generator().manual_seed(seed + _VAL_SEED_OFFSET)
+        test_gen = torch.Generator().manual_seed(seed + _TEST_SEED_OFFSET)
+        self.val_tasks = [self.eval_family.sample(val_gen) for _ in range(self.hparams.num_val_tasks)]
+        self.test_tasks = [self.eval_family.sample(test_gen) for _ in range(self.hparams.num_test_tasks)]
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        return torch.optim.Adam(self.rule.parameters(), lr=self.hparams.meta_lr)
+
+    def train_dataloader(self) -> DataLoader:
+        # Tasks are sampled inside the module (a trajectory spans several training steps); the
+        # loader only paces the epoch: one item per truncation.
+        return DataLoader(range(self.hparams.truncations_per_epoch), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(range(self.hparams.num_val_tasks), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(range(self.hparams.num_test_tasks), batch_size=None)
+
+    # --------------------------------------------------------------------------------- training
+    def _new_trajectory(self) -> Trajectory:
+        assert self._generator is not None, "setup() has not run"
+        task = self.task_family.sample(self._generator).to(self.device)
+        return Trajectory.start(self.rule, task, self.device)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self._traj is None or self._traj.step >= self.hparams.horizon:
+            self._traj = self._new_trajectory()
+        steps = min(self.hparams.unroll, self.hparams.horizon - self._traj.step)
+        result = unroll(
+            self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives
+        )
+        opt = self.optimizers()
+        if not (result.finite and torch.isfinite(result.meta_loss)):
+            # Dropped: the trajectory never reaches the weights, and a fresh task replaces it.
+            self._drop_trajectory()
+            return
+        opt.zero_grad()
+        self.manual_backward(result.meta_loss)
+        grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+        if not all(torch.isfinite(g).all() for g in grads):
+            opt.zero_grad()
+            self._drop_trajectory()
+            return
+        if self.hparams.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self._traj.detach()
+        self.log("train/meta_loss", result.meta_loss.detach(), prog_bar=True)
+        self.log("train/final_loss", result.curve[-1], prog_bar=False)
+        self.log("train/nonfinite_trajectories", float(self.nonfinite_count))
+
+    def _drop_trajectory(self) -> None:
+        self.nonfinite_count += 1
+        self._traj = None
+        self.log("train/nonfinite_trajectories", float(self.nonfinite_count))
+
+    # ------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        task = self.val_tasks[int(batch)].to(self.device)
+        curve = rule_curve(self.rule, task, self.hparams.horizon, self.device)
+        final = curve[-1] if torch.isfinite(curve[-1]) else torch.tensor(math.inf)
+        self.val_final.update(final, weight=task.num_problems)
+        self.val_mean.update(curve.mean(), weight=task.num_problems)
+        self.log("val/final_loss", self.val_final, prog_bar=True)
+        self.log("val/mean_loss", self.val_mean)
+
+    # -------------------------------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        self._test_curves = []
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        task = self.test_tasks[int(batch)].to(self.device)
+        curve = rule_curve(self.rule, task, self.hparams.horizon, self.device)
+        self._test_curves.append(curve.cpu())
+        self.test_final.update(curve[-1], weight=task.num_problems)
+        self.log("test/learned_final_loss", self.test_final)
+
+    def on_test_epoch_end(self) -> None:
+        n = len(self._test_curves)
+        tasks = self.test_tasks[:n]
+        self.comparison = compare(
+            None, self.val_tasks, tasks, self.hparams.horizon, self.baselines, self.lr_grid,
+            learned_curves=self._test_curves, device=self.device,
+        )
+        c = self.comparison
+        metrics = {f"test/{name}_final_loss": c.final(name) for name in c.curves if name != LEARNED}
+        metrics["test/ratio_to_best_baseline"] = c.ratio()
+        for name, value in metrics.items():
+            self.log(name, value)
+        self.report_paths = c.save(self._report_dir(), title=f"{type(tasks[0]).__name__}: learned vs tuned baselines")
+        summary = {"ratio_to_best_baseline": c.ratio(), "best_baseline": c.best_baseline(),
+                   "final_losses": {k: c.final(k) for k in c.curves}, "lrs": c.lrs,
+                   "num_problems": c.num_problems, "horizon": c.num_steps, "grid_edge": c.grid_edge}
+        (self._report_dir() / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._log_report()
+        if self.trainer.is_global_zero:
+            print(f"\nLearned rule vs tuned baselines on {c.num_problems} held-out problems "
+                  f"({n} tasks, horizon {c.num_steps}):\n{c.table()}")
+            if c.grid_edge:
+                print(f"warning: tuned learning rate at the edge of the grid for {c.grid_edge}; widen lr_grid")
+            print("report: " + ", ".join(str(p) for p in self.report_paths.values()))
+
+    def _report_dir(self) -> Path:
+        if self.hparams.report_dir:
+            path = Path(self.hparams.report_dir)
+        elif self.trainer.log_dir is not None:
+            path = Path(self.trainer.log_dir)
+        else:
+            path = Path(self.trainer.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _log_report(self) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                c = self.comparison
+                assert c is not None
+                names = list(c.curves)
+                rows = [[s, *(float(c.curves[n][s]) for n in names)] for s in range(c.num_steps + 1)]
+                logger.experiment.log({
+                    "test/comparison_plot": wandb.Image(str(self.report_paths["plot"])),
+                    "test/curves": wandb.Table(columns=["step", *names], data=rows),
+                })
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain data only, so that the checkpoint loads with torch.load(weights_only=True).
+        checkpoint["l2l_rule_config"] = json.dumps(self.rule.config())
+        checkpoint["l2l_nonfinite_trajectories"] = self.nonfinite_count
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_count = int(checkpoint.get("l2l_nonfinite_trajectories", 0))

@@ -1,0 +1,31 @@
+"""Update-rule networks: the math shared by meta-training and :class:`~lightning_l2l.LearnedOptimizer`.
+
+Nothing here knows about tasks, Lightning or ``torch.optim``.
+"""
+
+from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
+from lightning_l2l.nets.kinds import layer_kind, module_param_kinds
+from lightning_l2l.nets.layout import KindLayout, apply_rule
+from lightning_l2l.nets.linear import CoordinatewiseLinear
+from lightning_l2l.nets.lstm import CoordinatewiseLSTM
+from lightning_l2l.nets.per_kind import PerKindRule
+from lightning_l2l.nets.preprocess import log_sign, preprocess
+from lightning_l2l.nets.serialization import WeightsError, build_rule, load_rule, save_rule
+
+__all__ = [
+    "DEFAULT_KIND",
+    "UpdateRule",
+    "CoordinatewiseLSTM",
+    "CoordinatewiseLinear",
+    "PerKindRule",
+    "layer_kind",
+    "module_param_kinds",
+    "KindLayout",
+    "apply_rule",
+    "log_sign",
+    "preprocess",
+    "build_rule",
+    "save_rule",
+    "load_rule",
+    "WeightsError",
+]

@@ -1,0 +1,77 @@
+"""The update-rule interface shared by meta-training and :class:`~lightning_l2l.LearnedOptimizer`.
+
+An update rule ``m`` maps a flat tensor of gradient coordinates and a per-coordinate state to a
+flat tensor of updates and the next state (Andrychowicz et al., 2016, eq. 1 and section 2.1):
+
+.. math::  \\theta_{t+1} = \\theta_t + g_t, \\qquad [g_t, h_{t+1}] = m(\\nabla_t, h_t; \\phi)
+
+The state's first dimension indexes coordinates, so the state of any subset of coordinates is a
+slice of it and never leaks from one tensor to another.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["UpdateRule", "DEFAULT_KIND"]
+
+DEFAULT_KIND = "default"
+
+
+class UpdateRule(nn.Module, ABC):
+    """Base class of update rules: a coordinatewise map from gradients to updates.
+
+    Subclasses implement :meth:`init_state` and :meth:`forward`. Every constructor argument must
+    be a plain value (or a nested :class:`UpdateRule`) so that :meth:`config` can describe the rule
+    and :func:`~lightning_l2l.nets.build_rule` can rebuild it without executing code from a file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._init_args: dict[str, Any] = {}
+
+    def _record_init_args(self, local_vars: dict[str, Any]) -> None:
+        """Store the constructor arguments (call from ``__init__`` with ``locals()``)."""
+        sig = inspect.signature(type(self).__init__)
+        self._init_args = {name: local_vars[name] for name in sig.parameters if name != "self"}
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description: ``{"class_path": ..., "init_args": {...}}``."""
+        args: dict[str, Any] = {}
+        for key, value in self._init_args.items():
+            if isinstance(value, UpdateRule):
+                value = value.config()
+            elif isinstance(value, dict):
+                value = {k: v.config() if isinstance(v, UpdateRule) else v for k, v in value.items()}
+            args[key] = value
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+    def kinds(self) -> tuple[str, ...]:
+        """Parameter kinds this rule has a dedicated network for (empty: one network for all)."""
+        return ()
+
+    @abstractmethod
+    def init_state(
+        self,
+        num_coords: int,
+        kind: str = DEFAULT_KIND,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """The initial state of ``num_coords`` coordinates; its first dimension is ``num_coords``."""
+
+    @abstractmethod
+    def forward(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> tuple[Tensor, Tensor]:
+        """Map a flat ``(n,)`` gradient and its ``(n, ...)`` state to ``(update (n,), new state)``."""
+
+    def state_dtype(self) -> torch.dtype:
+        """The dtype the rule keeps its state in: that of its weights."""
+        for p in self.parameters():
+            return p.dtype
+        return torch.get_default_dtype()

@@ -1,0 +1,104 @@
+"""Saving and loading update rules as ``.safetensors`` weights plus a JSON config.
+
+A rule is stored as two files side by side: ``NAME.safetensors`` (tensors only, no code) and
+``NAME.json`` (``{"rule": {"class_path": ..., "init_args": ...}, "metadata": {...}}``). Loading
+rebuilds the rule only from classes in an allow-list, so a weights file can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lightning_l2l.nets.base import UpdateRule
+from lightning_l2l.nets.linear import CoordinatewiseLinear
+from lightning_l2l.nets.lstm import CoordinatewiseLSTM
+from lightning_l2l.nets.per_kind import PerKindRule
+
+__all__ = ["RULE_CLASSES", "build_rule", "save_rule", "load_rule", "WeightsError"]
+
+RULE_CLASSES: dict[str, type[UpdateRule]] = {
+    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule)
+}
+# short names are accepted too: "CoordinatewiseLSTM", "lightning_l2l.nets.CoordinatewiseLSTM"
+for _cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule):
+    RULE_CLASSES[_cls.__name__] = _cls
+    RULE_CLASSES[f"lightning_l2l.nets.{_cls.__name__}"] = _cls
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, corrupt, or does not match its config."""
+
+
+def build_rule(config: dict[str, Any]) -> UpdateRule:
+    """Rebuild a rule from :meth:`UpdateRule.config` output, using only allow-listed classes."""
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise WeightsError(f"a rule config is a dict with 'class_path' and 'init_args', got {config!r}")
+    cls = RULE_CLASSES.get(config["class_path"])
+    if cls is None:
+        raise WeightsError(
+            f"unknown update rule class {config['class_path']!r}; loadable classes are "
+            f"{sorted(k for k in RULE_CLASSES if '.' not in k)}"
+        )
+    args = dict(config.get("init_args", {}))
+    if cls is PerKindRule:
+        args["networks"] = {k: build_rule(v) for k, v in args["networks"].items()}
+    try:
+        return cls(**args)
+    except TypeError as err:
+        raise WeightsError(f"bad init_args for {cls.__name__}: {err}") from err
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def save_rule(rule: UpdateRule, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``PATH.safetensors`` and ``PATH.json``; returns the ``.safetensors`` path."""
+    stem = _stem(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in rule.state_dict().items()}
+    weights = stem.with_suffix(".safetensors")
+    save_file(tensors, str(weights))
+    doc = {"format": "lightning_l2l.rule/1", "rule": rule.config(), "metadata": metadata or {}}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return weights
+
+
+def load_rule(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
+    """Load a rule saved by :func:`save_rule`; returns ``(rule, metadata)``.
+
+    Raises:
+        WeightsError: a file is missing, unreadable, or its tensors do not fit its config.
+    """
+    stem = _stem(path)
+    weights, config_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    for f in (weights, config_file):
+        if not f.is_file():
+            raise WeightsError(f"missing {f}: a rule is stored as NAME.safetensors plus NAME.json side by side")
+    try:
+        doc = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{config_file} is not valid JSON ({err}); re-export it with `l2l export`") from err
+    if not isinstance(doc, dict) or "rule" not in doc:
+        raise WeightsError(f"{config_file} has no 'rule' entry; re-export it with `l2l export`")
+    rule = build_rule(doc["rule"])
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{weights} is not a readable safetensors file ({err}); it may be corrupt") from err
+    expected = rule.state_dict()
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    bad_shapes = [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
+    if missing or extra or bad_shapes:
+        raise WeightsError(
+            f"{weights} does not match its config {config_file.name}: missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}, wrong shape {sorted(bad_shapes)}"
+        )
+    rule.load_state_dict(tensors)
+    return rule, dict(doc.get("metadata", {}))

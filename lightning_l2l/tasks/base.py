@@ -1,0 +1,48 @@
+"""Optimizee problems: a :class:`TaskFamily` samples :class:`Task` s from a ``torch.Generator``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = ["Task", "TaskFamily"]
+
+
+class Task(ABC):
+    """One optimizee problem ``f(theta)``.
+
+    A task gives initial parameters (a dict of named tensors), the loss at a step (a data task
+    uses that step's minibatch), and each parameter's kind (``conv``, ``fc``, ...). A task may bundle
+    ``num_problems`` independent problems whose losses are summed (e.g. a batch of quadratics):
+    gradients of each problem are then unaffected by the batching, and reported losses are the sum
+    divided by ``num_problems``, the mean loss per problem.
+    """
+
+    #: independent problems summed in :meth:`loss`; reported losses are divided by it
+    num_problems: int = 1
+
+    @abstractmethod
+    def init_params(self) -> dict[str, Tensor]:
+        """Fresh initial parameters ``theta_0`` (new tensors, ``requires_grad=False``)."""
+
+    @abstractmethod
+    def loss(self, params: dict[str, Tensor], step: int) -> Tensor:
+        """The scalar loss at optimizee step ``step`` (differentiable in ``params``)."""
+
+    def kinds(self) -> dict[str, str]:
+        """Kind of each parameter; parameters not listed are of kind ``"default"``."""
+        return {}
+
+    def to(self, device: torch.device | str) -> Task:
+        """Move the task's tensors to ``device`` (in place); returns ``self``."""
+        return self
+
+
+class TaskFamily(ABC):
+    """A distribution over tasks. ``sample`` must be a pure function of the generator's state."""
+
+    @abstractmethod
+    def sample(self, generator: torch.Generator) -> Task:
+        """Draw one task using only ``generator`` for randomness."""

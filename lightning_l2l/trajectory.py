@@ -1,0 +1,124 @@
+"""Running an update rule on a task: the unroll shared by meta-training, evaluation and tests.
+
+``unroll`` applies ``theta_{t+1} = theta_t + g_t``, ``[g_t, h_{t+1}] = m(grad_t, h_t; phi)``
+(Andrychowicz et al., 2016, eq. 1) for a number of steps and returns the losses along the way.
+With ``differentiable=True`` the parameters keep their graph to ``phi`` so that
+``L(phi) = sum_t w_t f(theta_t)`` (eq. 2, ``w_t = 1``) can be backpropagated; optimizee gradients
+are treated as inputs (``d grad_t / d phi = 0``, section 2) unless ``second_derivatives=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_l2l.nets import KindLayout, UpdateRule, apply_rule
+from lightning_l2l.tasks import Task
+
+__all__ = ["Trajectory", "UnrollResult", "unroll", "rule_curve"]
+
+
+@dataclass
+class Trajectory:
+    """Where an optimizee is on its trajectory: parameters, rule state and step count."""
+
+    task: Task
+    layout: KindLayout
+    params: dict[str, Tensor]
+    states: dict[str, Tensor]
+    step: int = 0
+
+    @classmethod
+    def start(cls, rule: UpdateRule, task: Task, device: torch.device | str | None = None) -> Trajectory:
+        """Begin at ``theta_0`` with the rule's initial state."""
+        params = task.init_params()
+        if device is not None:
+            params = {n: p.to(device) for n, p in params.items()}
+        layout = KindLayout({n: p.shape for n, p in params.items()}, task.kinds())
+        any_param = next(iter(params.values()))
+        states = layout.init_state(rule, device=any_param.device)
+        return cls(task, layout, params, states)
+
+    def detach(self) -> None:
+        """Cut the graph: the truncation boundary of truncated BPTT."""
+        self.params = {n: p.detach() for n, p in self.params.items()}
+        self.states = {k: s.detach() for k, s in self.states.items()}
+
+
+@dataclass
+class UnrollResult:
+    """Outcome of :func:`unroll`.
+
+    Attributes:
+        meta_loss: mean over the unrolled steps of ``f(theta_t) / num_problems`` for the
+            ``num_steps`` parameters the rule produced (differentiable when requested).
+        curve: ``(num_steps + 1,)`` detached losses per problem, ``f(theta_start) ... f(theta_end)``.
+        finite: whether every loss was finite.
+    """
+
+    meta_loss: Tensor
+    curve: Tensor
+    finite: bool = field(default=True)
+
+
+def unroll(
+    rule: UpdateRule,
+    traj: Trajectory,
+    num_steps: int,
+    *,
+    differentiable: bool = True,
+    second_derivatives: bool = False,
+) -> UnrollResult:
+    """Advance ``traj`` by ``num_steps`` rule steps (in place) and return the losses.
+
+    Args:
+        rule: the update rule ``m``.
+        traj: the trajectory to advance; its ``params``, ``states`` and ``step`` are updated.
+        num_steps: steps to take.
+        differentiable: keep the graph from the losses to the rule's weights.
+        second_derivatives: backpropagate through the optimizee gradients too (off in the paper).
+    """
+    if second_derivatives and not differentiable:
+        raise ValueError("second_derivatives=True needs differentiable=True")
+    task, scale = traj.task, 1.0 / traj.task.num_problems
+    terms: list[Tensor] = []
+    curve: list[Tensor] = []
+    with torch.enable_grad():
+        for i in range(num_steps + 1):
+            params = {
+                n: p if p.requires_grad else p.detach().requires_grad_() for n, p in traj.params.items()
+            }
+            loss = task.loss(params, traj.step)
+            curve.append(loss.detach() * scale)
+            if i > 0:
+                terms.append(loss * scale if differentiable else loss.detach() * scale)
+            if i == num_steps:
+                break
+            grads = torch.autograd.grad(
+                loss, list(params.values()), create_graph=second_derivatives, retain_graph=differentiable
+            )
+            grads_by_name = {
+                n: g if second_derivatives else g.detach() for n, g in zip(params.keys(), grads)
+            }
+            if differentiable:
+                updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
+                traj.params = {n: params[n] + updates[n] for n in params}
+            else:
+                with torch.no_grad():
+                    updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
+                    traj.params = {n: params[n].detach() + updates[n] for n in params}
+            traj.step += 1
+    curve_t = torch.stack(curve)
+    meta_loss = torch.stack(terms).mean() if terms else curve_t.new_zeros(())
+    return UnrollResult(meta_loss, curve_t, bool(torch.isfinite(curve_t).all()))
+
+
+def rule_curve(
+    rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Loss per problem along ``num_steps`` steps of the frozen ``rule`` from ``theta_0``: ``(num_steps + 1,)``."""
+    with torch.inference_mode(False):
+        traj = Trajectory.start(rule, task, device)
+        return unroll(rule, traj, num_steps, differentiable=False).curve
