@@ -1,3 +1,24 @@
-"""lightning_l2l: learning to learn by gradient descent by gradient descent, for PyTorch Lightning."""
+"""lightning_l2l: learning to learn by gradient descent by gradient descent, for PyTorch Lightning.
+
+Andrychowicz et al., "Learning to learn by gradient descent by gradient descent", NeurIPS 2016.
+"""
+
+from lightning_l2l.meta import MetaLearner
+from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule, UpdateRule, load_rule, save_rule
+from lightning_l2l.tasks import ModuleTask, ModuleTaskFamily, QuadraticFamily, Task, TaskFamily
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "MetaLearner",
+    "UpdateRule",
+    "CoordinatewiseLSTM",
+    "PerKindRule",
+    "load_rule",
+    "save_rule",
+    "Task",
+    "TaskFamily",
+    "QuadraticFamily",
+    "ModuleTask",
+    "ModuleTaskFamily",
+]
