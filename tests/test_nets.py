@@ -1,0 +1,644 @@
+"""Update-rule networks: coordinatewise LSTM, linear rule, per-kind routing, layouts, kinds, files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+from lightning_l2l.nets import (
+    DEFAULT_KIND,
+    CoordinatewiseLinear,
+    CoordinatewiseLSTM,
+    KindLayout,
+    PerKindRule,
+    UpdateRule,
+    WeightsError,
+    apply_rule,
+    build_rule,
+    layer_kind,
+    load_rule,
+    module_param_kinds,
+    save_rule,
+)
+from lightning_l2l.nets.lstm import LSTMLayer
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _grads(n: int) -> Tensor:
+    """Gradients spanning many magnitudes and both signs, including 0 and a tiny one."""
+    g = torch.randn(n) * torch.logspace(-8, 2, n)
+    g[0] = 0.0
+    return g
+
+
+def _random_state(rule: CoordinatewiseLSTM, n: int) -> Tensor:
+    return torch.randn_like(rule.init_state(n))
+
+
+def _exact_sgd_rule(lr: float) -> CoordinatewiseLinear:
+    """A float64 linear rule whose scale is exactly ``-lr`` (see test_linear_double_scale_is_exact)."""
+    rule = CoordinatewiseLinear(lr=lr).double()
+    with torch.no_grad():
+        rule.scale.fill_(-lr)
+    return rule
+
+
+# ------------------------------------------------------------------------------ CoordinatewiseLSTM
+
+
+def test_lstm_docstring_defaults() -> None:
+    """CoordinatewiseLSTM() is the paper's network: 2 layers of 20 units, log-sign p=10, scale 0.1."""
+    rule = CoordinatewiseLSTM()
+    assert rule.hidden_size == 20
+    assert rule.num_layers == 2
+    assert rule.preprocessing == "log_sign"
+    assert rule.p == 10.0
+    assert rule.output_scale == 0.1
+    assert len(rule.cells) == 2 and all(c.hidden_size == 20 for c in rule.cells)
+    assert rule.cells[0].weight_ifo.shape == (60, 2 + 20)  # log-sign gives 2 input features
+    assert rule.init_state(5).shape == (5, 2, 2, 20)  # (coords, layers, (h, c), hidden)
+    assert rule.config()["init_args"] == {
+        "hidden_size": 20,
+        "num_layers": 2,
+        "preprocessing": "log_sign",
+        "p": 10.0,
+        "output_scale": 0.1,
+    }
+
+
+def test_lstm_init_forget_bias_and_quiet_output() -> None:
+    """The forget-gate bias starts near 1 (remember by default) and the output bias at 0."""
+    rule = CoordinatewiseLSTM(hidden_size=16)
+    bound = 1.0 / 16**0.5
+    for cell in rule.cells:
+        forget = cell.bias_ifo[16:32]
+        assert ((forget >= 1 - bound) & (forget <= 1 + bound)).all()
+        others = torch.cat((cell.bias_ifo[:16], cell.bias_ifo[32:]))
+        assert others.abs().max() <= bound
+    assert (rule.out.bias == 0).all()
+    # a fresh rule from a zero state makes small steps
+    update, _ = rule(torch.randn(10), rule.init_state(10))
+    assert update.abs().max() < 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"preprocessing": "log"}, "preprocessing"),
+        ({"p": 0.0}, "p"),
+        ({"p": -3.0}, "p"),
+    ],
+)
+def test_lstm_invalid_args(kwargs: dict, name: str) -> None:
+    """Bad constructor values raise ValueError naming the argument."""
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        CoordinatewiseLSTM(**kwargs)
+
+
+def test_lstm_forward_shapes_and_errors(lstm_rule: CoordinatewiseLSTM) -> None:
+    """``(n,)`` grads and ``(n, layers, 2, hidden)`` state in, same shapes out; bad shapes raise."""
+    g = _grads(6)
+    update, state = lstm_rule(g, lstm_rule.init_state(6))
+    assert update.shape == (6,) and state.shape == (6, 2, 2, 4)
+    with pytest.raises(ValueError, match="flat"):
+        lstm_rule(g.view(2, 3), lstm_rule.init_state(2))
+    with pytest.raises(ValueError, match="coordinates"):
+        lstm_rule(g, lstm_rule.init_state(5))
+
+
+def test_lstm_zero_coordinates(lstm_rule: CoordinatewiseLSTM) -> None:
+    """An empty gradient is a valid (empty) call."""
+    update, state = lstm_rule(torch.zeros(0), lstm_rule.init_state(0))
+    assert update.shape == (0,) and state.shape == (0, 2, 2, 4)
+
+
+def test_lstm_permutation_equivariant(lstm_rule: CoordinatewiseLSTM) -> None:
+    """Permuting coordinates (and their state rows) permutes the updates and new states identically."""
+    n = 9
+    g, state = _grads(n), _random_state(lstm_rule, n)
+    perm = torch.randperm(n)
+    assert not torch.equal(perm, torch.arange(n))
+    update, new_state = lstm_rule(g, state)
+    update_p, new_state_p = lstm_rule(g[perm], state[perm])
+    assert_close(update_p, update[perm])
+    assert_close(new_state_p, new_state[perm])
+    # and over several steps
+    s, sp = new_state, new_state_p
+    for _ in range(3):
+        g = _grads(n)
+        u, s = lstm_rule(g, s)
+        up, sp = lstm_rule(g[perm], sp)
+        assert_close(up, u[perm])
+        assert_close(sp, s[perm])
+
+
+@pytest.mark.parametrize("j", [0, 3])
+def test_lstm_state_does_not_leak_between_coordinates(lstm_rule: CoordinatewiseLSTM, j: int) -> None:
+    """Changing coordinate j's gradient and state changes only coordinate j's update and state."""
+    n = 5
+    g, state = _grads(n), _random_state(lstm_rule, n)
+    update, new_state = lstm_rule(g, state)
+    g2, state2 = g.clone(), state.clone()
+    g2[j] = 1e3
+    state2[j] = torch.randn_like(state2[j]) * 3
+    update2, new_state2 = lstm_rule(g2, state2)
+    others = torch.arange(n) != j
+    assert_close(update2[others], update[others], rtol=0, atol=0)
+    assert_close(new_state2[others], new_state[others], rtol=0, atol=0)
+    assert not torch.allclose(update2[j], update[j])  # the probe itself did change something
+    # carried over several steps: a different history at j never reaches the others
+    s, s2 = new_state, new_state2
+    for _ in range(3):
+        g = _grads(n)
+        g_j = g.clone()
+        g_j[j] = -50.0
+        u, s = lstm_rule(g, s)
+        u2, s2 = lstm_rule(g_j, s2)
+        assert_close(u2[others], u[others], rtol=0, atol=0)
+        assert_close(s2[others], s[others], rtol=0, atol=0)
+
+
+def test_lstm_non_finite_gradient_keeps_state_finite(lstm_rule: CoordinatewiseLSTM) -> None:
+    """NaN/inf gradients are seen as zero: the update and state stay finite."""
+    g = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
+    update, state = lstm_rule(g, lstm_rule.init_state(4))
+    assert torch.isfinite(update).all() and torch.isfinite(state).all()
+    zero_update, _ = lstm_rule(torch.zeros(1), lstm_rule.init_state(1))
+    assert_close(update[:3], zero_update.expand(3))
+
+
+def test_lstm_dtypes() -> None:
+    """A float64 rule keeps float64 throughout; a bfloat16 gradient gives a bfloat16 update."""
+    rule = CoordinatewiseLSTM(hidden_size=3).double()
+    assert rule.state_dtype() == torch.float64
+    update, state = rule(torch.randn(4, dtype=torch.float64), rule.init_state(4))
+    assert update.dtype == torch.float64 and state.dtype == torch.float64
+    rule32 = CoordinatewiseLSTM(hidden_size=3)
+    g = torch.randn(4).bfloat16()
+    update, state = rule32(g, rule32.init_state(4))
+    assert update.dtype == torch.bfloat16 and state.dtype == torch.float32
+
+
+def test_lstm_layer_matches_torch_lstm_cell() -> None:
+    """LSTMLayer computes the nn.LSTMCell equations (its docstring's claim), just laid out differently."""
+    n_in, h = 3, 5
+    layer = LSTMLayer(n_in, h).double()
+    cell = nn.LSTMCell(n_in, h).double()
+    w_i, w_f, w_o = layer.weight_ifo.chunk(3)
+    b_i, b_f, b_o = layer.bias_ifo.chunk(3)
+    with torch.no_grad():
+        # nn.LSTMCell orders gates (input, forget, cell, output)
+        w = torch.cat((w_i, w_f, layer.weight_g, w_o))  # (4h, in + h)
+        cell.weight_ih.copy_(w[:, :n_in])
+        cell.weight_hh.copy_(w[:, n_in:])
+        cell.bias_ih.copy_(torch.cat((b_i, b_f, layer.bias_g, b_o)))
+        cell.bias_hh.zero_()
+    x = torch.randn(7, n_in, dtype=torch.float64)
+    h0 = torch.randn(7, h, dtype=torch.float64)
+    c0 = torch.randn(7, h, dtype=torch.float64)
+    h1, c1 = layer(x, h0, c0)
+    h_ref, c_ref = cell(x, (h0, c0))
+    assert_close(h1, h_ref)
+    assert_close(c1, c_ref)
+
+
+# ---------------------------------------------------------------------------- CoordinatewiseLinear
+
+
+def test_linear_rule_is_scaled_gradient(linear_rule: CoordinatewiseLinear) -> None:
+    """``update = -lr * g``, a ``(n, 0)`` state that passes through, non-finite gradients give 0."""
+    g = torch.tensor([1.0, -2.0, float("nan"), float("inf")])
+    state = linear_rule.init_state(4)
+    assert state.shape == (4, 0)
+    update, new_state = linear_rule(g, state)
+    assert_close(update, torch.tensor([-0.1, 0.2, 0.0, 0.0]))
+    assert new_state.shape == (4, 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG linear.py CoordinatewiseLinear.__init__: scale is created in float32, so .double() "
+    "gives -0.10000000149 instead of -0.1 and SGD parity in float64 is off by ~1.5e-8 relative",
+)
+def test_linear_double_scale_is_exact() -> None:
+    """CoordinatewiseLinear(lr=0.1).double() should output exactly -0.1 * g in float64."""
+    rule = CoordinatewiseLinear(lr=0.1).double()
+    assert rule.scale.item() == -0.1
+
+
+# ---------------------------------------------------------------------------------- UpdateRule base
+
+
+class _NoParamsRule(UpdateRule):
+    """The smallest UpdateRule: no weights, update = -g."""
+
+    def __init__(self, flag: int = 3) -> None:
+        super().__init__()
+        self._record_init_args(locals())
+
+    def init_state(self, num_coords, kind=DEFAULT_KIND, *, device=None, dtype=None):
+        return torch.zeros(num_coords, 1, device=device, dtype=dtype or self.state_dtype())
+
+    def forward(self, grad, state, kind=DEFAULT_KIND):
+        return -grad, state + 1
+
+
+def test_update_rule_base_defaults() -> None:
+    """Base-class defaults: kinds() empty, state_dtype() of the weights (or the default), config()."""
+    rule = _NoParamsRule(flag=7)
+    assert rule.kinds() == ()
+    assert rule.state_dtype() == torch.get_default_dtype()
+    assert rule.init_state(2).dtype == torch.get_default_dtype()
+    assert rule.config() == {"class_path": f"{__name__}._NoParamsRule", "init_args": {"flag": 7}}
+    assert CoordinatewiseLSTM(hidden_size=2).kinds() == ()
+    assert CoordinatewiseLSTM(hidden_size=2).double().state_dtype() == torch.float64
+    assert CoordinatewiseLSTM(hidden_size=2).double().init_state(3).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------- KindLayout
+
+SHAPES = {"conv.w": (2, 3), "scalar": (), "fc.w": (4,), "conv.b": (1, 2, 2), "fc.b": (1,)}
+KINDS = {"conv.w": "conv", "fc.w": "fc", "conv.b": "conv", "fc.b": "fc"}
+
+
+@pytest.fixture
+def layout() -> KindLayout:
+    """Mixed kinds and shapes, including a scalar of the default kind."""
+    return KindLayout(SHAPES, KINDS)
+
+
+def test_layout_flatten_unflatten_round_trip(layout: KindLayout) -> None:
+    """flatten groups each kind's tensors in order; unflatten restores every tensor and the name order."""
+    tensors = {n: torch.randn(s) for n, s in SHAPES.items()}
+    flat = layout.flatten(tensors)
+    assert layout.kinds == ["conv", "default", "fc"]  # by first appearance
+    assert {k: v.shape for k, v in flat.items()} == {"conv": (10,), "default": (1,), "fc": (5,)}
+    assert_close(flat["conv"], torch.cat((tensors["conv.w"].flatten(), tensors["conv.b"].flatten())))
+    assert_close(flat["fc"], torch.cat((tensors["fc.w"], tensors["fc.b"])))
+    back = layout.unflatten(flat)
+    assert list(back) == list(SHAPES)
+    for name, t in tensors.items():
+        assert back[name].shape == t.shape
+        assert_close(back[name], t, rtol=0, atol=0)
+    assert [layout.numel(k) for k in layout.kinds] == [10, 1, 5]
+
+
+def test_layout_default_kind_and_unknown_names() -> None:
+    """Unlisted names get ``default_kind``; kinds for names that do not exist raise ValueError."""
+    lay = KindLayout({"a": (2,), "b": (3,)}, {"a": "fc"}, default_kind="other")
+    assert lay.kinds == ["fc", "other"]
+    with pytest.raises(ValueError, match="unknown tensors"):
+        KindLayout({"a": (2,)}, {"a": "fc", "zz": "conv"})
+
+
+def test_layout_init_state_shapes(layout: KindLayout, lstm_rule: CoordinatewiseLSTM) -> None:
+    """One state per kind, first dimension the kind's number of coordinates."""
+    states = layout.init_state(lstm_rule)
+    assert {k: s.shape for k, s in states.items()} == {
+        "conv": (10, 2, 2, 4),
+        "default": (1, 2, 2, 4),
+        "fc": (5, 2, 2, 4),
+    }
+    states64 = layout.init_state(lstm_rule, dtype=torch.float64)
+    assert all(s.dtype == torch.float64 for s in states64.values())
+    assert {k: s.shape for k, s in layout.init_state(CoordinatewiseLinear()).items()} == {
+        "conv": (10, 0),
+        "default": (1, 0),
+        "fc": (5, 0),
+    }
+
+
+def test_apply_rule_matches_per_tensor_calls(layout: KindLayout, lstm_rule: CoordinatewiseLSTM) -> None:
+    """One batched call per kind equals calling the rule per tensor on that tensor's state slice."""
+    grads = {n: torch.randn(s) for n, s in SHAPES.items()}
+    states = {k: torch.randn_like(s) for k, s in layout.init_state(lstm_rule).items()}
+    updates, new_states = apply_rule(lstm_rule, layout, grads, states)
+    offsets = {k: 0 for k in layout.kinds}
+    for name, shape in SHAPES.items():
+        kind = KINDS.get(name, DEFAULT_KIND)
+        n = torch.Size(shape).numel()
+        s = states[kind][offsets[kind] : offsets[kind] + n]
+        u_ref, s_ref = lstm_rule(grads[name].reshape(-1), s)
+        assert updates[name].shape == torch.Size(shape)
+        assert_close(updates[name].reshape(-1), u_ref)
+        assert_close(new_states[kind][offsets[kind] : offsets[kind] + n], s_ref)
+        offsets[kind] += n
+
+
+def test_apply_rule_sgd_parity_float64() -> None:
+    """A -lr*g rule through apply_rule on tensors of several kinds matches torch.optim.SGD for 10 steps."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"conv.w": (2, 3), "fc.w": (3,), "fc.b": (), "norm.w": (2, 2)}
+    kinds = {"conv.w": "conv", "fc.w": "fc", "fc.b": "fc", "norm.w": "norm"}
+    init = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    targets = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+
+    def loss_fn(p: dict[str, Tensor]) -> Tensor:
+        # coupled, non-quadratic so the gradients change in interesting ways
+        sq = sum(((p[n] - targets[n]) ** 2).sum() for n in shapes)
+        return sq + torch.tanh(p["conv.w"].sum() * p["fc.b"]) + (p["fc.w"] ** 4).sum()
+
+    rule = _exact_sgd_rule(0.1)
+    lay = KindLayout(shapes, kinds)
+    states = lay.init_state(rule)
+    params = {n: t.clone() for n, t in init.items()}
+    ref = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = torch.optim.SGD(list(ref.values()), lr=0.1)
+    for _ in range(10):
+        p = {n: t.detach().requires_grad_() for n, t in params.items()}
+        grads = dict(zip(p, torch.autograd.grad(loss_fn(p), list(p.values())), strict=True))
+        with torch.no_grad():
+            updates, states = apply_rule(rule, lay, grads, states)
+        params = {n: p[n].detach() + updates[n] for n in p}
+        opt.zero_grad()
+        loss_fn(ref).backward()
+        opt.step()
+        for n in shapes:
+            assert_close(params[n], ref[n].detach(), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- PerKindRule
+
+
+def test_per_kind_routes_each_kind() -> None:
+    """conv goes to the conv network, fc to fc, any other kind to ``default``."""
+    rule = PerKindRule({"conv": CoordinatewiseLinear(0.1), "fc": CoordinatewiseLinear(0.2)}, default="fc")
+    assert rule.kinds() == ("conv", "fc")
+    lay = KindLayout({"c": (3,), "f": (2,), "n": (2,), "x": (1,)}, {"c": "conv", "f": "fc", "n": "norm"})
+    grads = {"c": torch.ones(3), "f": torch.ones(2), "n": torch.ones(2), "x": torch.ones(1)}
+    updates, _ = apply_rule(rule, lay, grads, lay.init_state(rule))
+    assert_close(updates["c"], torch.full((3,), -0.1))
+    assert_close(updates["f"], torch.full((2,), -0.2))
+    assert_close(updates["n"], torch.full((2,), -0.2))  # unknown kind -> default (fc)
+    assert_close(updates["x"], torch.full((1,), -0.2))  # the "default" kind too
+    assert rule.network_for("norm") is rule.networks["fc"]
+
+
+def test_per_kind_init_state_routes() -> None:
+    """Each kind's state has the shape of its own network's state."""
+    rule = PerKindRule(
+        {"conv": CoordinatewiseLSTM(hidden_size=3), "fc": CoordinatewiseLSTM(hidden_size=5)}, "conv"
+    )
+    assert rule.init_state(4, "conv").shape == (4, 2, 2, 3)
+    assert rule.init_state(4, "fc").shape == (4, 2, 2, 5)
+    assert rule.init_state(4, "norm").shape == (4, 2, 2, 3)
+    g = torch.randn(4)
+    u, s = rule(g, rule.init_state(4, "fc"), "fc")
+    u_ref, s_ref = rule.networks["fc"](g, rule.init_state(4, "fc"))
+    assert_close(u, u_ref)
+    assert_close(s, s_ref)
+
+
+def test_per_kind_single_network_serves_all() -> None:
+    """With one network and no default, that network serves every kind."""
+    net = CoordinatewiseLinear(0.3)
+    rule = PerKindRule({"fc": net})
+    assert rule.default == "fc"
+    assert rule.network_for("conv") is net
+    assert_close(rule(torch.ones(2), rule.init_state(2, "conv"), "conv")[0], torch.full((2,), -0.3))
+
+
+def test_per_kind_invalid_configs() -> None:
+    """Two networks need a default; the default needs a network; networks must be UpdateRules."""
+    nets = {"conv": CoordinatewiseLinear(), "fc": CoordinatewiseLinear()}
+    with pytest.raises(ValueError, match="needs `default`"):
+        PerKindRule(nets)
+    with pytest.raises(ValueError, match="'norm' has no network"):
+        PerKindRule(nets, default="norm")
+    with pytest.raises(ValueError, match="at least one network"):
+        PerKindRule({})
+    with pytest.raises(TypeError, match="expected an UpdateRule"):
+        PerKindRule({"fc": nn.Linear(1, 1)})  # type: ignore[dict-item]
+
+
+# ------------------------------------------------------------------------------------------- kinds
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
+        self.temperature = nn.Parameter(torch.ones(()))
+
+
+def test_module_param_kinds_by_layer() -> None:
+    """Conv2d -> conv, Linear -> fc, BatchNorm2d -> norm (weights and biases); qualified names."""
+    net = _Net()
+    kinds = module_param_kinds(net)
+    assert kinds == {
+        "features.0.weight": "conv",
+        "features.0.bias": "conv",
+        "features.1.weight": "norm",
+        "features.1.bias": "norm",
+        "head.1.weight": "fc",
+        "head.1.bias": "fc",
+        "temperature": "other",
+    }
+    assert list(kinds) == [n for n, _ in net.named_parameters()]
+
+
+@pytest.mark.parametrize(
+    "layer, kind",
+    [
+        (nn.Conv1d(1, 1, 1), "conv"),
+        (nn.ConvTranspose2d(1, 1, 1), "conv"),
+        (nn.Linear(1, 1), "fc"),
+        (nn.LayerNorm(2), "norm"),
+        (nn.GroupNorm(1, 2), "norm"),
+        (nn.BatchNorm1d(2), "norm"),
+        (nn.Embedding(3, 2), "embedding"),
+        (nn.ReLU(), "other"),
+    ],
+)
+def test_layer_kind(layer: nn.Module, kind: str) -> None:
+    """Each layer family maps to its kind."""
+    assert layer_kind(layer) == kind
+
+
+# ------------------------------------------------------------------------------------ serialization
+
+
+def _rules() -> dict[str, UpdateRule]:
+    return {
+        "lstm": CoordinatewiseLSTM(
+            hidden_size=3, num_layers=1, preprocessing="none", p=5.0, output_scale=0.3
+        ),
+        "linear": CoordinatewiseLinear(lr=0.05),
+        "per_kind": PerKindRule(
+            {"conv": CoordinatewiseLSTM(hidden_size=3, num_layers=3), "fc": CoordinatewiseLinear(0.2)},
+            default="fc",
+        ),
+    }
+
+
+def _outputs(rule: UpdateRule, kind: str) -> tuple[Tensor, Tensor]:
+    g = torch.linspace(-2, 2, 5)
+    state = rule.init_state(5, kind)
+    u, state = rule(g, state, kind)
+    return rule(g * 0.5, state, kind)
+
+
+@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind"])
+def test_save_load_round_trip(tmp_path: Path, name: str) -> None:
+    """save_rule/load_rule give a rule with the same config, weights and outputs, and the metadata back."""
+    rule = _rules()[name]
+    weights = save_rule(rule, tmp_path / "sub" / name, metadata={"steps": 3, "note": "x"})
+    assert weights == tmp_path / "sub" / f"{name}.safetensors"
+    assert weights.is_file() and weights.with_suffix(".json").is_file()
+    torch.manual_seed(123)  # loading must not depend on the RNG
+    loaded, metadata = load_rule(weights)
+    assert type(loaded) is type(rule)
+    assert metadata == {"steps": 3, "note": "x"}
+    assert loaded.config() == rule.config()
+    for kind in ("conv", "fc", "other"):
+        for out, ref in zip(_outputs(loaded, kind), _outputs(rule, kind), strict=True):
+            assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("suffix", ["", ".json", ".safetensors"])
+def test_load_accepts_any_of_the_names(tmp_path: Path, suffix: str) -> None:
+    """The stem, the .json and the .safetensors path all name the same rule."""
+    save_rule(CoordinatewiseLinear(0.25), tmp_path / "r")
+    rule, metadata = load_rule(tmp_path / f"r{suffix}")
+    assert_close(rule.scale.detach(), torch.tensor(-0.25))
+    assert metadata == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG serialization.py _stem: Path.with_suffix replaces the last dotted part, so "
+    "save_rule(r, 'run.a') and save_rule(r, 'run.b') both write run.safetensors/run.json",
+)
+def test_dotted_names_do_not_collide(tmp_path: Path) -> None:
+    """Names that differ only after a dot are different files."""
+    save_rule(CoordinatewiseLinear(0.1), tmp_path / "run.a")
+    save_rule(CoordinatewiseLinear(0.2), tmp_path / "run.b")
+    rule_a, _ = load_rule(tmp_path / "run.a")
+    assert_close(rule_a.scale.detach(), torch.tensor(-0.1))
+
+
+@pytest.mark.parametrize("missing", [".json", ".safetensors"])
+def test_load_missing_file(tmp_path: Path, missing: str) -> None:
+    """A rule with one of its two files missing raises WeightsError saying which and why."""
+    save_rule(CoordinatewiseLinear(), tmp_path / "r")
+    (tmp_path / f"r{missing}").unlink()
+    with pytest.raises(WeightsError, match=f"missing .*r\\{missing}.*side by side"):
+        load_rule(tmp_path / "r")
+
+
+def test_load_corrupt_weights(tmp_path: Path) -> None:
+    """Random bytes in place of the safetensors file raise WeightsError, not a Rust panic or OSError."""
+    save_rule(CoordinatewiseLSTM(hidden_size=2), tmp_path / "r")
+    (tmp_path / "r.safetensors").write_bytes(os.urandom(256))
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_rule(tmp_path / "r")
+
+
+def test_load_truncated_weights(tmp_path: Path) -> None:
+    """A safetensors file cut in half raises WeightsError."""
+    weights = save_rule(CoordinatewiseLSTM(hidden_size=2), tmp_path / "r")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_rule(tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"metadata": {}}', "no 'rule' entry"),
+        ("[1, 2]", "no 'rule' entry"),
+        ('{"rule": {"init_args": {}}}', "'class_path'"),
+        (
+            '{"rule": {"class_path": "os.system", "init_args": {"command": "true"}}}',
+            "unknown update rule class 'os.system'",
+        ),
+        ('{"rule": {"class_path": "CoordinatewiseLinear", "init_args": {"bogus": 1}}}', "bad init_args"),
+    ],
+)
+def test_load_bad_config(tmp_path: Path, text: str, match: str) -> None:
+    """Invalid JSON, a missing rule, a class outside the allow-list or bad arguments raise WeightsError."""
+    save_rule(CoordinatewiseLinear(), tmp_path / "r")
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(WeightsError, match=match):
+        load_rule(tmp_path / "r")
+
+
+def test_not_allow_listed_class_never_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class_path outside the allow-list is refused before anything runs; the error lists loadable ones."""
+    calls: list[str] = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd))
+    with pytest.raises(WeightsError) as err:
+        build_rule({"class_path": "os.system", "init_args": {"command": "echo hi"}})
+    assert calls == []
+    for name in ("CoordinatewiseLSTM", "CoordinatewiseLinear", "PerKindRule"):
+        assert name in str(err.value)
+
+
+def test_load_weights_not_matching_config(tmp_path: Path) -> None:
+    """hidden_size changed in the JSON: the tensors no longer fit, WeightsError names the mismatch."""
+    save_rule(CoordinatewiseLSTM(hidden_size=3), tmp_path / "r")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    doc["rule"]["init_args"]["hidden_size"] = 4
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(WeightsError, match="does not match its config.*wrong shape"):
+        load_rule(tmp_path / "r")
+
+
+def test_load_weights_of_another_class(tmp_path: Path) -> None:
+    """LSTM weights under a linear rule's config: missing and unexpected tensors are reported."""
+    save_rule(CoordinatewiseLSTM(hidden_size=3), tmp_path / "r")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    doc["rule"] = CoordinatewiseLinear().config()
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(WeightsError, match=r"missing \['scale'\], unexpected \[.*'out.weight'"):
+        load_rule(tmp_path / "r")
+
+
+@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind"])
+def test_config_round_trips_through_build_rule(name: str) -> None:
+    """``build_rule(rule.config())`` rebuilds the same architecture; the config is plain JSON."""
+    rule = _rules()[name]
+    config = rule.config()
+    assert json.loads(json.dumps(config)) == config
+    rebuilt = build_rule(config)
+    assert type(rebuilt) is type(rule)
+    assert rebuilt.config() == config
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in rule.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize(
+    "class_path",
+    [
+        "CoordinatewiseLSTM",
+        "lightning_l2l.nets.CoordinatewiseLSTM",
+        "lightning_l2l.nets.lstm.CoordinatewiseLSTM",
+    ],
+)
+def test_build_rule_short_class_names(class_path: str) -> None:
+    """The short, the package and the module class path all build the rule."""
+    rule = build_rule({"class_path": class_path, "init_args": {"hidden_size": 2}})
+    assert isinstance(rule, CoordinatewiseLSTM) and rule.hidden_size == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG serialization.py build_rule: a PerKindRule config without init_args['networks'] "
+    "raises KeyError('networks') instead of WeightsError",
+)
+def test_build_rule_per_kind_without_networks() -> None:
+    """A malformed PerKindRule config is a WeightsError like any other bad config."""
+    with pytest.raises(WeightsError):
+        build_rule({"class_path": "PerKindRule", "init_args": {}})
