@@ -5,12 +5,15 @@ Andrychowicz et al., "Learning to learn by gradient descent by gradient descent"
 
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule, UpdateRule, load_rule, save_rule
+from lightning_l2l.optim import LearnedOptimizer, LearnedOptimizerCallback
 from lightning_l2l.tasks import ModuleTask, ModuleTaskFamily, QuadraticFamily, Task, TaskFamily
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MetaLearner",
+    "LearnedOptimizer",
+    "LearnedOptimizerCallback",
     "UpdateRule",
     "CoordinatewiseLSTM",
     "PerKindRule",

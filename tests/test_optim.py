@@ -1,0 +1,310 @@
+"""LearnedOptimizer follows torch.optim's contract and reproduces meta-training's updates."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_l2l import LearnedOptimizer, MetaLearner
+from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKindRule, save_rule
+from lightning_l2l.optim.learned import DEFAULT_CHUNK_SIZE
+from lightning_l2l.tasks import ModuleTask, QuadraticFamily, QuadraticTask
+from lightning_l2l.trajectory import Trajectory, unroll
+
+
+def _sgd_rule(lr: float) -> CoordinatewiseLinear:
+    """Learned SGD with its scale exactly ``-lr`` in float64 (not a float32 rounding of it)."""
+    rule = CoordinatewiseLinear(lr=lr).double()
+    with torch.no_grad():
+        rule.scale.fill_(-lr)
+    return rule
+
+
+def _run(opt: torch.optim.Optimizer, task, params: dict[str, torch.Tensor], steps: int) -> list[float]:
+    """``steps`` closure steps of ``opt`` on ``task``; the losses before each step."""
+    losses = []
+    for t in range(steps):
+
+        def closure(t=t):
+            opt.zero_grad()
+            loss = task.loss(params, t)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+    return losses
+
+
+# ------------------------------------------------------------------------------------ contract
+def test_docstring_defaults():
+    sig = inspect.signature(LearnedOptimizer.__init__)
+    assert sig.parameters["weights"].default == "quadratic"
+    assert sig.parameters["lr"].default == 1.0
+    assert sig.parameters["kind"].default is None
+    assert sig.parameters["chunk_size"].default == DEFAULT_CHUNK_SIZE == 65536
+    for name in ("lr", "kind", "chunk_size"):
+        assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+    doc = LearnedOptimizer.__doc__
+    assert 'Default: ``"quadratic"``' in doc and "default ``1.0``" in doc and "default ``65536``" in doc
+    assert "Andrychowicz" in doc
+
+
+def test_defaults_go_into_every_group(linear_rule):
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))
+    opt = LearnedOptimizer([{"params": [a]}, {"params": [b], "kind": "fc", "lr": 0.5}], linear_rule, lr=2.0)
+    assert opt.defaults == {"lr": 2.0, "kind": None}
+    assert opt.param_groups[0]["lr"] == 2.0 and opt.param_groups[0]["kind"] is None
+    assert opt.param_groups[1]["lr"] == 0.5 and opt.param_groups[1]["kind"] == "fc"
+    assert len(opt.state) == 0  # lazy
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+        ({"chunk_size": 0}, "Invalid chunk_size: 0"),
+        ({"kind": 3}, "Invalid kind: 3"),
+    ],
+)
+def test_bad_values_raise_value_error(linear_rule, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LearnedOptimizer([nn.Parameter(torch.zeros(2))], linear_rule, **kwargs)
+
+
+def test_bad_group_values_raise(linear_rule):
+    opt = LearnedOptimizer([nn.Parameter(torch.zeros(2))], linear_rule)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": -0.1})
+    with pytest.raises(ValueError, match="Invalid kind"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "kind": ["fc"]})
+    with pytest.raises(ValueError, match="floating-point"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.long)]})
+
+
+def test_matches_sgd_step_for_step_float64(quadratic_task64: QuadraticTask):
+    """A rule that outputs ``-lr * g`` is SGD: 20 steps agree with torch.optim.SGD in float64 (STYLE 6)."""
+    rule = _sgd_rule(0.01)
+    ours = quadratic_task64.init_params()["theta"].requires_grad_()
+    ref = ours.detach().clone().requires_grad_()
+    l_ours = _run(LearnedOptimizer([ours], rule), quadratic_task64, {"theta": ours}, 20)
+    l_ref = _run(torch.optim.SGD([ref], lr=0.01), quadratic_task64, {"theta": ref}, 20)
+    torch.testing.assert_close(torch.tensor(l_ours), torch.tensor(l_ref), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_lr_multiplies_the_update(quadratic_task64: QuadraticTask):
+    rule = _sgd_rule(0.01)
+    ours = quadratic_task64.init_params()["theta"].requires_grad_()
+    ref = ours.detach().clone().requires_grad_()
+    _run(LearnedOptimizer([ours], rule, lr=0.5), quadratic_task64, {"theta": ours}, 5)
+    _run(torch.optim.SGD([ref], lr=0.005), quadratic_task64, {"theta": ref}, 5)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_loss_falls_over_20_closure_steps(quadratic_task: QuadraticTask):
+    theta = quadratic_task.init_params()["theta"].requires_grad_()
+    losses = _run(LearnedOptimizer([theta], CoordinatewiseLinear(lr=0.02)), quadratic_task, {"theta": theta}, 20)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_step_without_closure_returns_none_and_zero_grad(linear_rule):
+    p = nn.Parameter(torch.ones(3))
+    opt = LearnedOptimizer([p], linear_rule)
+    p.sum().backward()
+    assert opt.step() is None
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.9))
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_closure_runs_with_grad_enabled(linear_rule):
+    p = nn.Parameter(torch.ones(3))
+    opt = LearnedOptimizer([p], linear_rule)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        assert float(opt.step(closure)) == 3.0
+
+
+def test_add_param_group_gets_its_own_state(lstm_rule):
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    opt = LearnedOptimizer([a], lstm_rule)
+    (a**2).sum().backward()
+    opt.step()
+    opt.add_param_group({"params": [b], "kind": "fc"})
+    assert opt.param_groups[1]["lr"] == 1.0
+    opt.zero_grad()
+    ((a**2).sum() + (b**2).sum()).backward()
+    opt.step()
+    assert opt.state[a]["hidden"].shape == (4, 2, 2, 4)
+    assert opt.state[b]["hidden"].shape == (3, 2, 2, 4)
+
+
+# -------------------------------------------------------------------------------------- parity
+def _opt_run(task, rule, steps, **kwargs) -> tuple[dict[str, torch.Tensor], LearnedOptimizer]:
+    params = {n: p.requires_grad_() for n, p in task.init_params().items()}
+    groups: dict[str, list[torch.Tensor]] = {}
+    for n, p in params.items():
+        groups.setdefault(task.kinds().get(n, "default"), []).append(p)
+    opt = LearnedOptimizer([{"params": ps, "kind": k} for k, ps in groups.items()], rule, **kwargs)
+    for t in range(steps):
+        opt.zero_grad()
+        task.loss(params, t).backward()
+        opt.step()
+    return {n: p.detach() for n, p in params.items()}, opt
+
+
+@pytest.mark.parametrize("chunk_size", [DEFAULT_CHUNK_SIZE, 5])
+def test_parity_with_meta_learner_unroll_float64(chunk_size):
+    """The same 30 updates as MetaLearner's training unroll (differentiable, as in training_step)."""
+    family = QuadraticFamily(dim=3, num_functions=4, init_std=1.0, dtype=torch.float64)
+    learner = MetaLearner(CoordinatewiseLSTM(hidden_size=6).double(), family, horizon=30, unroll=10)
+    learner.setup("fit")
+    traj = learner._new_trajectory()
+    for _ in range(3):  # three truncations, as training_step runs them
+        unroll(learner.rule, traj, 10, differentiable=True)
+        traj.detach()
+    ours, opt = _opt_run(traj.task, learner.rule, 30, chunk_size=chunk_size)
+    torch.testing.assert_close(ours["theta"], traj.params["theta"], rtol=0, atol=1e-12)
+    theta = opt.param_groups[0]["params"][0]
+    torch.testing.assert_close(opt.state[theta]["hidden"], traj.states["default"], rtol=0, atol=1e-12)
+    assert not any(p.requires_grad for p in opt.rule.parameters())
+    assert all(p.requires_grad for p in learner.rule.parameters())  # the caller's rule is untouched
+
+
+def test_parity_per_kind_module_task(module_task64: ModuleTask):
+    """A module with two kinds and a PerKindRule: each kind through its own network, as in unroll."""
+    rule = PerKindRule({"fc": CoordinatewiseLSTM(hidden_size=4), "conv": CoordinatewiseLSTM(hidden_size=3)},
+                       default="conv").double()
+    task = copy.copy(module_task64)
+    task._kinds = {"weight": "fc", "bias": "norm"}  # bias goes to the default (conv) network
+    traj = Trajectory.start(rule, task)
+    unroll(rule, traj, 15, differentiable=False)
+    ours, opt = _opt_run(task, rule, 15)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(ours[name], traj.params[name], rtol=0, atol=1e-12)
+    bias = opt.param_groups[1]["params"][0]
+    assert opt.state[bias]["hidden"].shape == (2, 2, 2, 3)
+
+
+def test_weights_from_safetensors_path_match_the_rule(tmp_path, quadratic_task64):
+    rule = CoordinatewiseLSTM(hidden_size=5)
+    path = save_rule(rule, tmp_path / "mine")
+    a, _ = _opt_run(quadratic_task64, rule, 5)
+    b, opt = _opt_run(quadratic_task64, str(path), 5)
+    torch.testing.assert_close(a["theta"], b["theta"], rtol=0, atol=0)
+    assert opt.weights_metadata["source"] == str(path)
+
+
+# ---------------------------------------------------------------------------------- state dict
+def _lstm_setup(rule, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(device=device, dtype=dtype)
+    x = torch.randn(8, 3, device=device, dtype=dtype)
+    return model, x
+
+
+def _train(model, opt, x, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_continues_identically(lstm_rule):
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    _train(model, opt, x, 3)
+    sd = opt.state_dict()
+    assert sd["state"][0]["hidden"].shape == (12, 2, 2, 4)
+    assert "l2l_weights" in sd and [g["kind"] for g in sd["param_groups"]] == ["fc"]
+    twin = copy.deepcopy(model)
+    opt2 = LearnedOptimizer.from_module(twin, lstm_rule)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(opt.state[p]["hidden"], opt2.state[q]["hidden"], rtol=0, atol=0)
+    _train(model, opt, x, 3)
+    _train(twin, opt2, x, 3)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_state_dict_survives_torch_save(tmp_path, lstm_rule):
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    _train(model, opt, x, 2)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    twin = copy.deepcopy(model)
+    opt2 = LearnedOptimizer.from_module(twin, lstm_rule)
+    opt2.load_state_dict(sd)
+    _train(model, opt, x, 2)
+    _train(twin, opt2, x, 2)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float64, torch.float64), (torch.float16, torch.float32),
+                                                (torch.bfloat16, torch.float32)])
+def test_state_dict_across_dtypes(lstm_rule, dtype, state_dtype):
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    _train(model, opt, x, 2)
+    other = copy.deepcopy(model).to(dtype)
+    opt2 = LearnedOptimizer.from_module(other, lstm_rule)
+    opt2.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        h = opt2.state[q]["hidden"]
+        assert h.dtype == state_dtype  # not the parameter's dtype: the state dtype is chosen on purpose
+        torch.testing.assert_close(h.float(), opt.state[p]["hidden"], rtol=0, atol=0)
+    _train(other, opt2, x.to(dtype), 1)
+    assert all(opt2.state[q]["hidden"].dtype == state_dtype for q in other.parameters())
+
+
+def test_load_state_dict_refuses_other_architecture(lstm_rule):
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    _train(model, opt, x, 1)
+    opt2 = LearnedOptimizer.from_module(model, CoordinatewiseLSTM(hidden_size=7))
+    with pytest.warns(UserWarning, match="other update-rule weights"):
+        opt2.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="made with other weights"):
+        _train(model, opt2, x, 1)
+
+
+def test_state_is_a_view_of_one_buffer_per_kind(lstm_rule):
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    _train(model, opt, x, 1)
+    storages = {opt.state[p]["hidden"].untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1
+    # replacing a state from outside (e.g. moving it) is picked up at the next step
+    first = next(model.parameters())
+    opt.state[first]["hidden"] = opt.state[first]["hidden"].clone()
+    _train(model, opt, x, 1)
+    assert len({opt.state[p]["hidden"].untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_state_dict_across_devices(lstm_rule):
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    _train(model, opt, x, 2)
+    gpu = copy.deepcopy(model).cuda()
+    opt2 = LearnedOptimizer.from_module(gpu, lstm_rule)
+    opt2.load_state_dict(opt.state_dict())
+    _train(model, opt, x, 2)
+    _train(gpu, opt2, x.cuda(), 2)
+    for p, q in zip(model.parameters(), gpu.parameters(), strict=True):
+        assert opt2.state[q]["hidden"].is_cuda
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
