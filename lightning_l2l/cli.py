@@ -53,15 +53,15 @@ class L2LCLI(LightningCLI):
         self._resolve_best("validate")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``l2l``."""
+def main(argv: list[str] | None = None) -> L2LCLI | None:
+    """Console entry point ``l2l``; returns the CLI object (``None`` for ``l2l export``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
         from lightning_l2l.export import main as export_main
 
         export_main(argv[1:])
-        return
-    L2LCLI(
+        return None
+    return L2LCLI(
         MetaLearner,
         args=argv,
         save_config_kwargs={"overwrite": True},

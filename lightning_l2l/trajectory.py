@@ -100,7 +100,7 @@ def unroll(
                 loss, list(params.values()), create_graph=second_derivatives, retain_graph=differentiable
             )
             grads_by_name = {
-                n: g if second_derivatives else g.detach() for n, g in zip(params.keys(), grads)
+                n: g if second_derivatives else g.detach() for n, g in zip(params.keys(), grads, strict=True)
             }
             if differentiable:
                 updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)

@@ -152,10 +152,6 @@ def test_invalid_p_raises(p: float) -> None:
         preprocess(torch.ones(2), "log_sign", p=p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG preprocess.py log_sign: `if p <= 0` lets p=nan through; output's sign feature is NaN",
-)
 def test_nan_p_raises() -> None:
     """p = NaN is not a valid constant and must be rejected like p <= 0."""
     with pytest.raises(ValueError, match="p"):

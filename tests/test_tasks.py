@@ -229,12 +229,6 @@ def test_unroll_never_modifies_the_module(differentiable: bool) -> None:
     assert_close(task.init_params()["0.weight"], before["0.weight"], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tasks/module.py ModuleTask: _buffers holds the module's own buffer tensors, so a "
-    "BatchNorm in train mode updates the module's running_mean/num_batches_tracked in place through "
-    "functional_call (docstring: 'The module is never modified')",
-)
 def test_module_task_never_modifies_module_buffers() -> None:
     """Running a loss on a task does not change the module's BatchNorm statistics."""
     x, y = _classification()

@@ -132,14 +132,7 @@ def _assert_sgd_parity(rule: UpdateRule, task: Task, steps: int = 10) -> None:
     "construct",
     [
         "exact",
-        pytest.param(
-            "double",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG linear.py: CoordinatewiseLinear(lr=0.1).double() has scale float32(-0.1) "
-                "= -0.10000000149, so float64 SGD parity fails at 1e-12",
-            ),
-        ),
+        "double",
     ],
 )
 def test_sgd_parity_quadratic(quadratic_task64: QuadraticTask, construct: str) -> None:

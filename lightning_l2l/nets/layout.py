@@ -70,7 +70,7 @@ class KindLayout:
         out: dict[str, Tensor] = {}
         for kind, entries in self.by_kind.items():
             pieces = torch.split(flat[kind], [e.shape.numel() for e in entries])
-            for e, piece in zip(entries, pieces):
+            for e, piece in zip(entries, pieces, strict=True):
                 out[e.name] = piece.view(e.shape)
         return {e.name: out[e.name] for e in self.entries}
 

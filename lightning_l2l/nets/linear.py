@@ -24,7 +24,8 @@ class CoordinatewiseLinear(UpdateRule):
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__()
         self._record_init_args(locals())
-        self.scale = nn.Parameter(torch.tensor(-float(lr)))
+        # float64 so that `-lr` is exact; forward casts to the gradient dtype
+        self.scale = nn.Parameter(torch.tensor(-float(lr), dtype=torch.float64))
 
     def init_state(
         self,

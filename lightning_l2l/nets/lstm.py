@@ -78,7 +78,7 @@ class CoordinatewiseLSTM(UpdateRule):
             raise ValueError(f"Invalid num_layers: {num_layers} (expected >= 1; the paper uses 2)")
         if preprocessing not in PREPROCESSINGS:
             raise ValueError(f"Invalid preprocessing: {preprocessing!r} (expected one of {PREPROCESSINGS})")
-        if p <= 0:
+        if not p > 0:  # also refuses NaN
             raise ValueError(f"Invalid p: {p} (expected > 0; the paper uses 10)")
         self._record_init_args(locals())
         self.hidden_size = hidden_size

@@ -35,7 +35,7 @@ def log_sign(grad: Tensor, p: float = 10.0) -> Tensor:
     Non-finite entries (NaN, +-inf) map to the features of a zero gradient, ``(-1, 0)``: the
     network sees "no signal" rather than propagating NaN into its state.
     """
-    if p <= 0:
+    if not p > 0:  # also refuses NaN
         raise ValueError(f"Invalid preprocessing p: {p} (expected p > 0; the paper uses 10)")
     work_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=grad.device.type, enabled=False):

@@ -46,27 +46,35 @@ def build_rule(config: dict[str, Any]) -> UpdateRule:
         )
     args = dict(config.get("init_args", {}))
     if cls is PerKindRule:
-        args["networks"] = {k: build_rule(v) for k, v in args["networks"].items()}
+        networks = args.get("networks")
+        if not isinstance(networks, dict):
+            raise WeightsError(f"PerKindRule config needs init_args.networks, a dict of rule configs; got {networks!r}")
+        args["networks"] = {k: build_rule(v) for k, v in networks.items()}
     try:
         return cls(**args)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise WeightsError(f"bad init_args for {cls.__name__}: {err}") from err
 
 
-def _stem(path: str | Path) -> Path:
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` for ``NAME``, ``NAME.safetensors`` or ``NAME.json``.
+
+    Only those two suffixes are stripped: ``run.a`` and ``run.b`` are different rules.
+    """
     path = Path(path)
-    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.parent / f"{path.name}.safetensors", path.parent / f"{path.name}.json"
 
 
 def save_rule(rule: UpdateRule, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``PATH.safetensors`` and ``PATH.json``; returns the ``.safetensors`` path."""
-    stem = _stem(path)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights, config_file = _paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in rule.state_dict().items()}
-    weights = stem.with_suffix(".safetensors")
     save_file(tensors, str(weights))
     doc = {"format": "lightning_l2l.rule/1", "rule": rule.config(), "metadata": metadata or {}}
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return weights
 
 
@@ -76,8 +84,7 @@ def load_rule(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
     Raises:
         WeightsError: a file is missing, unreadable, or its tensors do not fit its config.
     """
-    stem = _stem(path)
-    weights, config_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    weights, config_file = _paths(path)
     for f in (weights, config_file):
         if not f.is_file():
             raise WeightsError(f"missing {f}: a rule is stored as NAME.safetensors plus NAME.json side by side")
@@ -100,5 +107,8 @@ def load_rule(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
             f"{weights} does not match its config {config_file.name}: missing {sorted(missing)}, "
             f"unexpected {sorted(extra)}, wrong shape {sorted(bad_shapes)}"
         )
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:  # keep the dtype the rule was saved in (float64 rules stay exact)
+        rule = rule.to(dtypes.pop())
     rule.load_state_dict(tensors)
     return rule, dict(doc.get("metadata", {}))

@@ -52,7 +52,9 @@ class ModuleTask(Task):
         self.batch_size, self.seed = batch_size, seed
         self._kinds = kinds if kinds is not None else module_param_kinds(module)
         self._theta0 = {n: p.detach().clone() for n, p in module.named_parameters()}
-        self._buffers = {n: b for n, b in module.named_buffers()}
+        # a copy: train-mode layers (batch norm) update running statistics in place, and the
+        # user's module must stay as it was
+        self._buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
 
     def init_params(self) -> dict[str, Tensor]:
         return {n: p.clone() for n, p in self._theta0.items()}

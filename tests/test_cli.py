@@ -1,0 +1,132 @@
+"""The ``l2l`` command line: every shipped config parses and runs shrunk, W&B offline, export."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_l2l.cli import L2LCLI, main
+from lightning_l2l.export import rule_from_checkpoint
+from lightning_l2l.meta import MetaLearner
+from lightning_l2l.nets import WeightsError, load_rule
+from tests.wandb_records import history
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
+# Shrink any config to a few seconds: a few truncations, one validation and test task, 3 lrs.
+SHRINK = [
+    "--trainer.max_steps=3",
+    "--model.truncations_per_epoch=3",
+    "--model.num_val_tasks=1",
+    "--model.num_test_tasks=1",
+    "--model.lr_grid=[0.001,0.01,0.1]",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Configs write to relative paths (runs/...): keep them in the test's directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_configs_exist():
+    assert CONFIGS, "configs/ holds no YAML file"
+    assert ROOT / "configs" / "meta.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_parses(config):
+    cli = L2LCLI(MetaLearner, args=["--config", str(config)], run=False)
+    assert isinstance(cli.model, MetaLearner)
+    assert cli.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_runs_shrunk(config, tmp_path):
+    main(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false"])
+    ckpts = list(tmp_path.glob("runs/**/best.ckpt"))
+    assert ckpts, "the config's ModelCheckpoint wrote no best.ckpt"
+    main(["test", "--config", str(config), *SHRINK, "--trainer.logger=false", "--ckpt_path", "best"])
+    reports = list(tmp_path.glob("runs/**/comparison.md"))
+    assert reports and "learned" in reports[0].read_text()
+
+
+def test_wandb_offline_run_holds_logged_metrics(tmp_path):
+    config = ROOT / "configs" / "meta.yaml"
+    cli = main(["fit", "--config", str(config), *SHRINK, "--trainer.log_every_n_steps=1"])
+    wandb_loggers = [lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]
+    assert len(wandb_loggers) == 1 and wandb_loggers[0].experiment.settings.mode in ("offline", "dryrun")
+    wandb_loggers[0].experiment.finish()  # what the end of the `l2l` process does; flushes the run file
+    runs = list(tmp_path.glob("runs/quadratic/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    rows = history(runs[0])
+    keys = set().union(*rows)
+    assert {"train/meta_loss", "val/final_loss", "val/mean_loss", "train/nonfinite_trajectories"} <= keys
+    losses = [r["train/meta_loss"] for r in rows if "train/meta_loss" in r]
+    assert len(losses) == 3 and all(v > 0 for v in losses)
+    # the CSV logger sees the same metrics
+    csv = next(tmp_path.glob("runs/quadratic/csv/version_0/metrics.csv")).read_text()
+    assert "train/meta_loss" in csv and "val/final_loss" in csv
+
+
+def test_ckpt_path_best_without_a_run_says_what_to_do():
+    config = ROOT / "configs" / "meta.yaml"
+    with pytest.raises(SystemExit) as err:
+        main(["test", "--config", str(config), *SHRINK, "--trainer.logger=false", "--ckpt_path", "best"])
+    assert "Meta-train first" in str(err.value)
+
+
+def test_unknown_task_class_fails_clearly(capsys):
+    config = ROOT / "configs" / "meta.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.task_family=lightning_l2l.tasks.NoSuchFamily"])
+    err = capsys.readouterr().err
+    assert "NoSuchFamily" in err and "task_family" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("--model.horizon=-5", "Invalid horizon: -5"), ("--model.unroll=200", "unroll (200) is longer than the horizon")],
+)
+def test_bad_numbers_fail_with_a_fix(override, message, capsys):
+    config = ROOT / "configs" / "meta.yaml"
+    with pytest.raises((SystemExit, ValueError)) as err:
+        main(["fit", "--config", str(config), override, "--trainer.logger=false"])
+    assert message in str(err.value) + capsys.readouterr().err
+
+
+def test_export_round_trip(tmp_path):
+    config = ROOT / "configs" / "meta.yaml"
+    main(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false"])
+    best = next(tmp_path.glob("runs/**/best.ckpt"))
+    main(["export", "--ckpt", str(best), "--out", str(tmp_path / "exported" / "rule"), "--command", "l2l fit ..."])
+    rule, meta = load_rule(tmp_path / "exported" / "rule.safetensors")
+    reference, _ = rule_from_checkpoint(best)
+    grad = torch.randn(50)
+    state = rule.init_state(50)
+    torch.testing.assert_close(rule(grad, state), reference(grad, state))
+    assert meta["command"] == "l2l fit ..." and meta["global_step"] == 3
+
+
+def test_export_refuses_a_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match="could not be read"):
+        main(["export", "--ckpt", str(bad), "--out", str(tmp_path / "x")])
+    with pytest.raises(WeightsError, match="no checkpoint"):
+        rule_from_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("l2l") or str(Path(sys.executable).parent / "l2l")
+    out = subprocess.run([exe, "export", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--ckpt" in out.stdout

@@ -1,0 +1,190 @@
+"""MetaLearner: truncated BPTT under a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_l2l.meta import MetaLearner
+from lightning_l2l.nets import CoordinatewiseLSTM
+from lightning_l2l.tasks import QuadraticFamily, QuadraticTask, TaskFamily
+from lightning_l2l.trajectory import rule_curve
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def _small(**kwargs) -> MetaLearner:
+    args = dict(
+        rule=CoordinatewiseLSTM(hidden_size=8),
+        task_family=QuadraticFamily(dim=4, num_functions=16),
+        horizon=20, unroll=5, meta_lr=1e-2, truncations_per_epoch=10, num_val_tasks=1, num_test_tasks=1,
+        lr_grid=[1e-3, 1e-2, 1e-1],
+    )
+    args.update(kwargs)
+    return MetaLearner(**args)
+
+
+def test_meta_loss_falls_on_tiny_family(tmp_path):
+    """A few dozen meta-steps make the rule clearly better on a held-out task."""
+    torch.manual_seed(0)
+    model = _small()
+    held_out = QuadraticFamily(dim=4, num_functions=64).sample(torch.Generator().manual_seed(99))
+    before = float(rule_curve(model.rule, held_out, 20)[-1])
+    trainer = _trainer(tmp_path, max_steps=60, limit_val_batches=0)
+    trainer.fit(model)
+    after = float(rule_curve(model.rule, held_out, 20)[-1])
+    assert trainer.global_step == 60
+    assert after < 0.7 * before, (before, after)
+
+
+def test_one_backward_and_one_step_per_training_step(tmp_path, monkeypatch):
+    model = _small()
+    calls = {"backward": 0}
+    original = MetaLearner.manual_backward
+
+    def counting(self, loss, *args, **kwargs):
+        calls["backward"] += 1
+        return original(self, loss, *args, **kwargs)
+
+    monkeypatch.setattr(MetaLearner, "manual_backward", counting)
+    trainer = _trainer(tmp_path, max_steps=7, limit_val_batches=0)
+    trainer.fit(model)
+    assert calls["backward"] == 7
+    assert trainer.global_step == 7
+
+
+def test_trajectory_runs_to_horizon_then_restarts(tmp_path):
+    """horizon 20 / unroll 5: four truncations per task, then a new task."""
+    model = _small()
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    trainer.fit(model)
+    first_task = model._traj.task
+    assert model._traj.step == 20
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model)
+    assert model._traj.task is not first_task
+    assert model._traj.step == 5
+
+
+def test_unroll_not_dividing_horizon_stops_at_horizon(tmp_path):
+    model = _small(horizon=12, unroll=5)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(model)
+    assert model._traj.step == 12  # 5 + 5 + 2
+
+
+class _NaNAfter(TaskFamily):
+    """Quadratics whose loss turns NaN from optimizee step ``bad_step`` on."""
+
+    def __init__(self, bad_step: int) -> None:
+        self.inner = QuadraticFamily(dim=4, num_functions=8)
+        self.bad_step = bad_step
+
+    def sample(self, generator):
+        task = self.inner.sample(generator)
+        bad_step = self.bad_step
+
+        class Task(QuadraticTask):
+            def loss(self, params, step=0):
+                value = super().loss(params, step)
+                return value * math.nan if step >= bad_step else value
+
+        return Task(task.W, task.y, task.theta0)
+
+
+def test_nan_trajectory_is_dropped_and_counted(tmp_path):
+    """Every truncation hits a NaN: nothing reaches the weights, each drop is counted."""
+    model = _small(task_family=_NaNAfter(bad_step=2))
+    before = {k: v.clone() for k, v in model.rule.state_dict().items()}
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model)
+    assert model.nonfinite_count == 10  # truncations_per_epoch
+    assert trainer.global_step == 0  # no meta-step was taken
+    for k, v in model.rule.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert trainer.callback_metrics["train/nonfinite_trajectories"] == 10
+
+
+def test_nan_late_in_trajectory_keeps_earlier_truncations(tmp_path):
+    """NaN from step 12 on: truncations 1-2 of each task (steps 0-10) train, the third is dropped."""
+    model = _small(task_family=_NaNAfter(bad_step=12), horizon=15, unroll=5)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, limit_train_batches=6)
+    trainer.fit(model)
+    # 6 truncations: [ok, ok, nan] x 2 (a dropped trajectory restarts with a new task)
+    assert model.nonfinite_count == 2
+    assert trainer.global_step == 4
+
+
+def test_validation_logs_final_and_mean_loss(tmp_path):
+    model = _small()
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1.0)
+    trainer.validate(model)
+    metrics = trainer.callback_metrics
+    assert {"val/final_loss", "val/mean_loss"} <= set(metrics)
+    assert float(metrics["val/final_loss"]) > 0 and math.isfinite(float(metrics["val/mean_loss"]))
+
+
+def test_validation_and_test_tasks_are_disjoint_from_training():
+    model = _small()
+    model.setup("fit")
+    train_task = model.task_family.sample(torch.Generator().manual_seed(model.hparams.seed))
+    val, test = model.val_tasks[0], model.test_tasks[0]
+    assert not torch.equal(val.W, test.W)
+    assert not torch.equal(val.W, train_task.W) and not torch.equal(test.W, train_task.W)
+
+
+def test_test_writes_comparison_report(tmp_path):
+    model = _small(report_dir=str(tmp_path / "report"))
+    trainer = _trainer(tmp_path)
+    trainer.test(model)
+    c = model.comparison
+    assert c is not None and set(c.curves) == {"learned", "sgd", "nag", "rmsprop", "adam"}
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "comparison.json"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "test/ratio_to_best_baseline" in trainer.callback_metrics
+
+
+def test_second_derivatives_option_reaches_unroll(tmp_path):
+    """With second derivatives the first meta-step moves the weights differently."""
+    results = []
+    for second in (False, True):
+        torch.manual_seed(0)
+        model = _small(second_derivatives=second)
+        trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+        trainer.fit(model)
+        results.append(torch.cat([p.detach().flatten() for p in model.rule.parameters()]))
+    assert not torch.allclose(results[0], results[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(horizon=-5), "Invalid horizon: -5"),
+        (dict(unroll=0), "Invalid unroll: 0"),
+        (dict(horizon=10, unroll=20), "unroll (20) is longer than the horizon (10)"),
+        (dict(meta_lr=0.0), "Invalid meta_lr"),
+        (dict(baselines=["adamw"]), "unknown baselines ['adamw']"),
+        (dict(num_val_tasks=0), "Invalid num_val_tasks"),
+    ],
+)
+def test_bad_arguments_say_what_to_fix(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        _small(**kwargs)
+    assert message in str(err.value)
+
+
+def test_bad_types_are_refused():
+    with pytest.raises(TypeError, match="task_family must be a TaskFamily"):
+        _small(task_family="quadratic")
+    with pytest.raises(TypeError, match="rule must be an UpdateRule"):
+        _small(rule=torch.nn.Linear(2, 2))
