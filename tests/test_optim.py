@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_l2l import LearnedOptimizer, MetaLearner
 from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKindRule, save_rule
-from lightning_l2l.optim.learned import DEFAULT_CHUNK_SIZE
+from lightning_l2l.optim.learned import ACCELERATOR_CHUNK_SIZE, CPU_CHUNK_SIZE
 from lightning_l2l.tasks import ModuleTask, QuadraticFamily, QuadraticTask
 from lightning_l2l.trajectory import Trajectory, unroll
 
@@ -45,11 +45,13 @@ def test_docstring_defaults():
     assert sig.parameters["weights"].default == "quadratic"
     assert sig.parameters["lr"].default == 1.0
     assert sig.parameters["kind"].default is None
-    assert sig.parameters["chunk_size"].default == DEFAULT_CHUNK_SIZE == 65536
+    assert sig.parameters["chunk_size"].default is None
+    assert CPU_CHUNK_SIZE == 16384 and ACCELERATOR_CHUNK_SIZE == 524288
     for name in ("lr", "kind", "chunk_size"):
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     doc = LearnedOptimizer.__doc__
-    assert 'Default: ``"quadratic"``' in doc and "default ``1.0``" in doc and "default ``65536``" in doc
+    assert 'Default: ``"quadratic"``' in doc and "default ``1.0``" in doc
+    assert "Default ``None``: 16384 on CPU" in doc and "524288 on GPUs" in doc
     assert "Andrychowicz" in doc
 
 
@@ -73,6 +75,13 @@ def test_defaults_go_into_every_group(linear_rule):
 def test_bad_values_raise_value_error(linear_rule, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LearnedOptimizer([nn.Parameter(torch.zeros(2))], linear_rule, **kwargs)
+
+
+def test_default_chunk_size_by_device(linear_rule):
+    opt = LearnedOptimizer([nn.Parameter(torch.zeros(2))], linear_rule)
+    assert opt._chunk(torch.device("cpu")) == CPU_CHUNK_SIZE
+    assert opt._chunk(torch.device("cuda", 0)) == ACCELERATOR_CHUNK_SIZE
+    assert LearnedOptimizer([nn.Parameter(torch.zeros(2))], linear_rule, chunk_size=7)._chunk(torch.device("cpu")) == 7
 
 
 def test_bad_group_values_raise(linear_rule):
@@ -164,7 +173,7 @@ def _opt_run(task, rule, steps, **kwargs) -> tuple[dict[str, torch.Tensor], Lear
     return {n: p.detach() for n, p in params.items()}, opt
 
 
-@pytest.mark.parametrize("chunk_size", [DEFAULT_CHUNK_SIZE, 5])
+@pytest.mark.parametrize("chunk_size", [None, 5])
 def test_parity_with_meta_learner_unroll_float64(chunk_size):
     """The same 30 updates as MetaLearner's training unroll (differentiable, as in training_step)."""
     family = QuadraticFamily(dim=3, num_functions=4, init_std=1.0, dtype=torch.float64)

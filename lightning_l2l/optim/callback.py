@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_l2l.nets import UpdateRule
-from lightning_l2l.optim.learned import DEFAULT_CHUNK_SIZE, LearnedOptimizer
+from lightning_l2l.optim.learned import LearnedOptimizer
 from lightning_l2l.pretrained import Weights
 
 __all__ = ["LearnedOptimizerCallback"]
@@ -46,7 +46,7 @@ class LearnedOptimizerCallback(Callback):
         weights: as for :class:`LearnedOptimizer`: a shipped name, a ``.safetensors`` path or a
             ``MetaLearner`` ``.ckpt`` (default ``"quadratic"``).
         lr: multiplier of the learned update (default ``1.0``).
-        chunk_size: coordinates per network call (default ``65536``).
+        chunk_size: coordinates per network call (default ``None``: 16384 on CPU, 524288 on GPUs).
         log_stats: log the per-step statistics (default ``True``).
     """
 
@@ -55,13 +55,13 @@ class LearnedOptimizerCallback(Callback):
         weights: Weights = "quadratic",
         *,
         lr: float = 1.0,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         log_stats: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr} (a multiplier of the learned update, expected >= 0)")
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1)")
         self.weights = weights
         self.lr = lr

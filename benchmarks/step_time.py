@@ -1,0 +1,230 @@
+"""Step time and peak memory of ``LearnedOptimizer`` against ``torch.optim.Adam``, with floors.
+
+    python benchmarks/step_time.py                       # CPU (and CUDA if present), 10k ... 10M parameters
+    python benchmarks/step_time.py --sizes 1e4 1e5 --threads 1 --device cpu
+
+For each MLP size and optimizer the script times ``optimizer.step()`` alone (gradients are
+computed once and reused, so the model's forward/backward does not blur the optimizer's cost) and
+measures the memory the optimizer adds at its peak (state plus temporaries). Every configuration
+runs in a fresh subprocess, so peaks do not leak into each other.
+
+Floors (what the step cannot beat on this machine):
+
+- memory: bytes a step must move, over the bandwidth of a large ``copy_`` measured here. For
+  Adam: read and write the parameter and both moments, read the gradient (7 x 4 bytes per
+  coordinate). For the learned optimizer: read and write the parameter and the LSTM state
+  (``layers x 2 x hidden`` floats), read the gradient.
+- compute: the network's FLOPs per coordinate (the gate matmuls of every LSTM layer and the
+  output layer), over the rate of a large square float32 matmul measured here. The LSTM's
+  matmuls are skinny (``k = input + hidden``), so this floor is optimistic.
+
+The reported floor is the larger of the two; "x floor" is measured time over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------- worker
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Make VmHWM (peak resident memory) start again from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def mlp(num_params: int) -> nn.Module:
+    """Two square hidden layers of width ``w``, ``2 w^2 + 2 w`` parameters, ``w`` chosen to match."""
+    width = max(2, round(math.sqrt(num_params / 2)))
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+
+def _make_optimizer(
+    name: str, model: nn.Module, weights: str | None, chunk_size: int | None
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    from lightning_l2l import LearnedOptimizer
+    from lightning_l2l.nets import CoordinatewiseLSTM
+
+    rule = weights if weights else CoordinatewiseLSTM()  # speed does not depend on the weights' values
+    return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size)
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    model = mlp(cfg["size"]).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = _make_optimizer(cfg["optimizer"], model, cfg["weights"], cfg["chunk_size"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        base = _status_bytes("VmRSS")
+    times = []
+    for i in range(cfg["warmup"] + cfg["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        if i >= cfg["warmup"]:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")) - base
+    return {**cfg, "params": n, "step_s": sorted(times)[len(times) // 2], "peak_bytes": max(peak, 0)}
+
+
+# ----------------------------------------------------------------------------------- machine
+
+
+def bandwidth(device: torch.device, threads: int) -> float:
+    """Bytes per second of a 256 MiB ``copy_`` (read + write), best of 5."""
+    torch.set_num_threads(threads)
+    a = torch.ones(64 << 20, device=device)
+    b = torch.empty_like(a)
+    best = math.inf
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
+def matmul_rate(device: torch.device, threads: int) -> float:
+    """FLOP/s of a float32 square matmul (2048 on CPU, 8192 on GPU), best of 5."""
+    torch.set_num_threads(threads)
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rule_costs(weights: str | None) -> tuple[int, int]:
+    """(state floats per coordinate, network FLOPs per coordinate) of the learned optimizer's rule."""
+    from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule
+    from lightning_l2l.pretrained import resolve
+
+    rule = resolve(weights)[0] if weights else CoordinatewiseLSTM()
+    if isinstance(rule, PerKindRule):
+        rule = rule.network_for("fc")
+    assert isinstance(rule, CoordinatewiseLSTM), "the floor model covers the LSTM rule"
+    flops, inputs = 0, 2 if rule.preprocessing == "log_sign" else 1
+    for layer in range(rule.num_layers):
+        fan = (inputs if layer == 0 else rule.hidden_size) + rule.hidden_size
+        flops += 2 * fan * 4 * rule.hidden_size  # the four gates
+    flops += 2 * rule.hidden_size  # output layer
+    return rule.num_layers * 2 * rule.hidden_size, flops
+
+
+# -------------------------------------------------------------------------------------- driver
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable timings on a shared machine)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: by size, 3 at 10M)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="LearnedOptimizer chunk_size (default: its own)")
+    parser.add_argument("--weights", default=None, help="weights for LearnedOptimizer (default: shipped quadratic)")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    from lightning_l2l import pretrained
+    weights = args.weights or ("quadratic" if "quadratic" in pretrained.available() else None)
+    chunk = args.chunk_size
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    state_floats, net_flops = rule_costs(weights)
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, weights {weights or 'random CoordinatewiseLSTM()'}, "
+          f"chunk_size {chunk or 'default'}")
+    rows = []
+    for device in devices:
+        dev = torch.device(device)
+        bw, rate = bandwidth(dev, args.threads), matmul_rate(dev, args.threads)
+        print(f"{device}: measured copy bandwidth {bw / 1e9:.1f} GB/s, float32 matmul {rate / 1e9:.0f} GFLOP/s")
+        for size in args.sizes:
+            for name in ("adam", "learned"):
+                steps = args.steps or (3 if size >= 5e6 else 10 if size >= 5e5 else 50)
+                cfg = dict(size=int(size), optimizer=name, device=device, threads=args.threads, steps=steps,
+                           warmup=1, weights=weights, chunk_size=chunk)
+                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
+                                     text=True, check=False)
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"worker failed for {cfg}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                n = row["params"]
+                if name == "adam":
+                    bytes_moved, flops = n * 4 * 7, n * 12
+                else:
+                    bytes_moved, flops = n * 4 * (3 + 2 * state_floats), n * net_flops
+                row.update(bandwidth=bw, matmul=rate, floor_mem_s=bytes_moved / bw, floor_flops_s=flops / rate)
+                row["floor_s"] = max(row["floor_mem_s"], row["floor_flops_s"])
+                rows.append(row)
+                print(f"  {n:>10,d} params {name:8s} step {row['step_s'] * 1e3:9.2f} ms  "
+                      f"peak +{row['peak_bytes'] / 2**20:8.1f} MiB  floor {row['floor_s'] * 1e3:8.2f} ms", flush=True)
+    print()
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["device", "params", "optimizer", "step (ms)", "peak memory added (MiB)", "memory floor (ms)",
+              "FLOP floor (ms)", "x floor"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        name = "Adam" if r["optimizer"] == "adam" else "LearnedOptimizer"
+        lines.append(
+            f"| {r['device']} | {r['params']:,} | {name} | {r['step_s'] * 1e3:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"{r['floor_mem_s'] * 1e3:.2f} | {r['floor_flops_s'] * 1e3:.2f} | {r['step_s'] / r['floor_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
