@@ -326,3 +326,44 @@ def test_state_dict_across_devices(lstm_rule):
     for p, q in zip(model.parameters(), gpu.parameters(), strict=True):
         assert opt2.state[q]["hidden"].is_cuda
         torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_lr_scheduler_acts_on_the_update_multiplier(quadratic_task64: QuadraticTask):
+    rule = _sgd_rule(0.01)
+    ours = quadratic_task64.init_params()["theta"].requires_grad_()
+    ref = ours.detach().clone().requires_grad_()
+    opt, sgd = LearnedOptimizer([ours], rule), torch.optim.SGD([ref], lr=0.01)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, sgd)]
+    for t in range(4):
+        for o, p, s in ((opt, ours, scheds[0]), (sgd, ref, scheds[1])):
+            o.zero_grad()
+            quadratic_task64.loss({"theta": p}, t).backward()
+            o.step()
+            s.step()
+    assert opt.param_groups[0]["lr"] == 1.0 / 16
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_deepcopy_and_pickle_keep_rule_and_state(lstm_rule):
+    import pickle
+
+    model, x = _lstm_setup(lstm_rule)
+    opt = LearnedOptimizer.from_module(model, lstm_rule, chunk_size=5)
+    _train(model, opt, x, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.chunk_size == 5 and isinstance(clone.rule, CoordinatewiseLSTM) and clone.last_stats == {}
+        assert clone.state_dict()["l2l_weights"] == opt.state_dict()["l2l_weights"]
+
+
+def test_scalar_empty_and_non_contiguous_parameters(lstm_rule):
+    scalar = nn.Parameter(torch.tensor(1.0))
+    empty = nn.Parameter(torch.zeros(0, 3))
+    wide = nn.Parameter(torch.randn(4, 3).t())  # non-contiguous
+    opt = LearnedOptimizer([scalar, empty, wide], lstm_rule)
+    for _ in range(2):
+        opt.zero_grad()
+        (scalar**2 + empty.sum() + (wide**2).sum()).backward()
+        opt.step()
+    assert opt.state[scalar]["hidden"].shape == (1, 2, 2, 4)
+    assert opt.state[empty]["hidden"].shape == (0, 2, 2, 4)
+    assert wide.shape == (3, 4) and torch.isfinite(wide).all()

@@ -283,3 +283,14 @@ def test_callback_bad_arguments():
         LearnedOptimizerCallback(lr=-1)
     with pytest.raises(ValueError, match="Invalid chunk_size"):
         LearnedOptimizerCallback(chunk_size=0)
+
+
+@pytest.mark.parametrize("precision, param_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_callback_under_lightning_precision(tmp_path, weights, precision, param_dtype):
+    model = UserModel()
+    cb = LearnedOptimizerCallback(weights=weights)
+    _trainer(tmp_path, max_steps=3, precision=precision, callbacks=[cb]).fit(model)
+    params = list(model.parameters())
+    assert params[0].dtype == param_dtype
+    assert all(cb.optimizer.state[p]["hidden"].dtype == torch.float32 for p in params)
+    assert all(torch.isfinite(p).all() for p in params)
