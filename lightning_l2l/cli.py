@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_l2l.meta import MetaLearner
 
-__all__ = ["L2LCLI", "main"]
+__all__ = ["L2LCLI", "main", "run"]
 
 
 class L2LCLI(LightningCLI):
@@ -53,8 +53,8 @@ class L2LCLI(LightningCLI):
         self._resolve_best("validate")
 
 
-def main(argv: list[str] | None = None) -> L2LCLI | None:
-    """Console entry point ``l2l``; returns the CLI object (``None`` for ``l2l export``)."""
+def run(argv: list[str] | None = None) -> L2LCLI | None:
+    """Run ``l2l`` with ``argv``; returns the CLI object (``None`` for ``l2l export``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
         from lightning_l2l.export import main as export_main
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> L2LCLI | None:
         args=argv,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``l2l`` (returns nothing: a console script exits with its return value)."""
+    run(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_l2l.cli import L2LCLI, main
+from lightning_l2l.cli import L2LCLI, main, run
 from lightning_l2l.export import rule_from_checkpoint
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import WeightsError, load_rule
@@ -62,7 +62,7 @@ def test_config_runs_shrunk(config, tmp_path):
 
 def test_wandb_offline_run_holds_logged_metrics(tmp_path):
     config = ROOT / "configs" / "meta.yaml"
-    cli = main(["fit", "--config", str(config), *SHRINK, "--trainer.log_every_n_steps=1"])
+    cli = run(["fit", "--config", str(config), *SHRINK, "--trainer.log_every_n_steps=1"])
     wandb_loggers = [lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]
     assert len(wandb_loggers) == 1 and wandb_loggers[0].experiment.settings.mode in ("offline", "dryrun")
     wandb_loggers[0].experiment.finish()  # what the end of the `l2l` process does; flushes the run file

@@ -51,6 +51,8 @@ class MetaLearner(L.LightningModule):
         horizon: optimizee steps per trajectory (paper: 100).
         unroll: steps per truncation (paper: 20); must divide into the horizon at most once per step.
         meta_lr: Adam learning rate on the rule's weights.
+        meta_lr_schedule: ``"constant"``, or ``"cosine"``: anneal to ``0.05 * meta_lr`` over the
+            run's ``max_steps`` (steadier early-stopped weights for the same budget).
         grad_clip: gradient-norm clip on the meta-gradient (``0`` disables).
         second_derivatives: backpropagate through the optimizee gradients (paper: off).
         truncations_per_epoch: training steps per epoch (sets how often validation runs).
@@ -70,6 +72,7 @@ class MetaLearner(L.LightningModule):
         horizon: int = 100,
         unroll: int = 20,
         meta_lr: float = 3e-3,
+        meta_lr_schedule: str = "cosine",
         grad_clip: float = 1.0,
         second_derivatives: bool = False,
         truncations_per_epoch: int = 100,
@@ -98,6 +101,8 @@ class MetaLearner(L.LightningModule):
             )
         if meta_lr <= 0:
             raise ValueError(f"Invalid meta_lr: {meta_lr} (expected > 0)")
+        if meta_lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"Invalid meta_lr_schedule: {meta_lr_schedule!r} (expected 'constant' or 'cosine')")
         if grad_clip < 0:
             raise ValueError(f"Invalid grad_clip: {grad_clip} (expected >= 0; 0 disables clipping)")
         for name, n in (("truncations_per_epoch", truncations_per_epoch), ("num_val_tasks", num_val_tasks),
@@ -141,7 +146,14 @@ class MetaLearner(L.LightningModule):
         self.test_tasks = [self.eval_family.sample(test_gen) for _ in range(self.hparams.num_test_tasks)]
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        return torch.optim.Adam(self.rule.parameters(), lr=self.hparams.meta_lr)
+        opt = torch.optim.Adam(self.rule.parameters(), lr=self.hparams.meta_lr)
+        if self.hparams.meta_lr_schedule == "constant":
+            return opt
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("meta_lr_schedule='cosine' needs a finite trainer.max_steps (or max_epochs)")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.05 * self.hparams.meta_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
         # Tasks are sampled inside the module (a trajectory spans several training steps); the
@@ -182,6 +194,9 @@ class MetaLearner(L.LightningModule):
         if self.hparams.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:  # manual optimization: Lightning leaves stepping to us
+            scheduler.step()
         self._traj.detach()
         self.log("train/meta_loss", result.meta_loss.detach(), prog_bar=True)
         self.log("train/final_loss", result.curve[-1], prog_bar=False)
