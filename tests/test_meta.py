@@ -188,3 +188,25 @@ def test_bad_types_are_refused():
         _small(task_family="quadratic")
     with pytest.raises(TypeError, match="rule must be an UpdateRule"):
         _small(rule=torch.nn.Linear(2, 2))
+
+
+def test_resume_continues_the_task_stream(tmp_path):
+    """A run resumed from a checkpoint samples the same tasks and ends with the same weights."""
+    torch.manual_seed(0)
+    full = _small(horizon=5, unroll=5, meta_lr_schedule="constant")
+    _trainer(tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False).fit(full)
+
+    torch.manual_seed(0)
+    first = _small(horizon=5, unroll=5, meta_lr_schedule="constant")
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(first)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "l2l_task_generator_state" in torch.load(ckpt, weights_only=True)
+
+    resumed = _small(horizon=5, unroll=5, meta_lr_schedule="constant")
+    _trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(resumed, ckpt_path=ckpt)
+    torch.testing.assert_close(resumed._traj.task.W, full._traj.task.W)
+    for key, value in full.rule.state_dict().items():
+        torch.testing.assert_close(resumed.rule.state_dict()[key], value)
+    assert resumed.nonfinite_count == 0

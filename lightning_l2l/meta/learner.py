@@ -199,7 +199,7 @@ class MetaLearner(L.LightningModule):
             scheduler.step()
         self._traj.detach()
         self.log("train/meta_loss", result.meta_loss.detach(), prog_bar=True)
-        self.log("train/final_loss", result.curve[-1], prog_bar=False)
+        self.log("train/optimizee_loss", result.curve[-1])  # at the end of this truncation
         self.log("train/nonfinite_trajectories", float(self.nonfinite_count))
 
     def _drop_trajectory(self) -> None:
@@ -284,6 +284,11 @@ class MetaLearner(L.LightningModule):
         # Plain data only, so that the checkpoint loads with torch.load(weights_only=True).
         checkpoint["l2l_rule_config"] = json.dumps(self.rule.config())
         checkpoint["l2l_nonfinite_trajectories"] = self.nonfinite_count
+        if self._generator is not None:  # a resumed run continues the task stream, not restarts it
+            checkpoint["l2l_task_generator_state"] = self._generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_count = int(checkpoint.get("l2l_nonfinite_trajectories", 0))
+        state = checkpoint.get("l2l_task_generator_state")
+        if state is not None and self._generator is not None:
+            self._generator.set_state(state)
