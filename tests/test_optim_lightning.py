@@ -273,12 +273,14 @@ def test_callback_state_dict_round_trip(weights):
     other = LearnedOptimizerCallback(weights=weights)
     other.load_state_dict(cb.state_dict())
     assert other.nonfinite_total == 7
-    mismatched = LearnedOptimizerCallback(weights="something-else")
+    mismatched = LearnedOptimizerCallback(weights=CoordinatewiseLSTM(hidden_size=2))
     with pytest.warns(UserWarning, match="written with weights="):
         mismatched.load_state_dict(cb.state_dict())
 
 
 def test_callback_bad_arguments():
+    with pytest.raises(ValueError, match="unknown weights 'mnst'; available: "):
+        LearnedOptimizerCallback(weights="mnst")
     with pytest.raises(ValueError, match="Invalid learning rate"):
         LearnedOptimizerCallback(lr=-1)
     with pytest.raises(ValueError, match="Invalid chunk_size"):

@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.optim.learned import LearnedOptimizer
-from lightning_l2l.pretrained import Weights
+from lightning_l2l.pretrained import Weights, resolve
 
 __all__ = ["LearnedOptimizerCallback"]
 
@@ -63,6 +63,7 @@ class LearnedOptimizerCallback(Callback):
             raise ValueError(f"Invalid learning rate: {lr} (a multiplier of the learned update, expected >= 0)")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1)")
+        resolve(weights)  # an unknown name or a bad file fails here, before any training starts
         self.weights = weights
         self.lr = lr
         self.chunk_size = chunk_size
