@@ -41,13 +41,17 @@ class MetaLearner(L.LightningModule):
     (over the trajectory); a ``ModelCheckpoint`` on ``val/final_loss`` keeps the early-stopped
     optimizer the paper reports. Test runs the frozen rule on ``num_test_tasks`` fresh tasks against
     SGD, NAG, RMSprop and Adam at learning rates tuned on the validation tasks, and writes a table,
-    a CSV of the curves and a plot.
+    a CSV of the curves and a plot. Validation and test losses are the tasks' ``eval_loss`` where
+    they define one (e.g. the full-data loss of a minibatch task), else the step's loss.
 
     Args:
         rule: the update rule to meta-train (e.g. ``CoordinatewiseLSTM``).
         task_family: tasks for meta-training; validation and test tasks come from it too, from
             seed streams training never draws from, unless ``eval_family`` is given.
         eval_family: family for validation and test tasks (e.g. more steps or held-out data).
+        test_family: family for test tasks only (e.g. a test split of held-out data that
+            validation, and so checkpoint selection and baseline tuning, never see); default:
+            ``eval_family``.
         horizon: optimizee steps per trajectory (paper: 100).
         unroll: steps per truncation (paper: 20); must divide into the horizon at most once per step.
         meta_lr: Adam learning rate on the rule's weights.
@@ -69,6 +73,7 @@ class MetaLearner(L.LightningModule):
         rule: UpdateRule,
         task_family: TaskFamily,
         eval_family: TaskFamily | None = None,
+        test_family: TaskFamily | None = None,
         horizon: int = 100,
         unroll: int = 20,
         meta_lr: float = 3e-3,
@@ -115,11 +120,15 @@ class MetaLearner(L.LightningModule):
         unknown = [b for b in baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; available: {sorted(BASELINES)}")
-        self.save_hyperparameters(ignore=["rule", "task_family", "eval_family"])
+        for name, fam in (("eval_family", eval_family), ("test_family", test_family)):
+            if fam is not None and not isinstance(fam, TaskFamily):
+                raise TypeError(f"{name} must be a TaskFamily or None, got {type(fam).__name__}")
+        self.save_hyperparameters(ignore=["rule", "task_family", "eval_family", "test_family"])
         self.automatic_optimization = False
         self.rule = rule
         self.task_family = task_family
         self.eval_family = eval_family or task_family
+        self.test_family = test_family or self.eval_family
         self.baselines = baselines
         self.lr_grid = list(lr_grid) if lr_grid is not None else list(DEFAULT_LR_GRID)
         self._traj: Trajectory | None = None
@@ -143,7 +152,7 @@ class MetaLearner(L.LightningModule):
         val_gen = torch.Generator().manual_seed(seed + _VAL_SEED_OFFSET)
         test_gen = torch.Generator().manual_seed(seed + _TEST_SEED_OFFSET)
         self.val_tasks = [self.eval_family.sample(val_gen) for _ in range(self.hparams.num_val_tasks)]
-        self.test_tasks = [self.eval_family.sample(test_gen) for _ in range(self.hparams.num_test_tasks)]
+        self.test_tasks = [self.test_family.sample(test_gen) for _ in range(self.hparams.num_test_tasks)]
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         opt = torch.optim.Adam(self.rule.parameters(), lr=self.hparams.meta_lr)
@@ -180,9 +189,14 @@ class MetaLearner(L.LightningModule):
             self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives
         )
         opt = self.optimizers()
-        if not (result.finite and torch.isfinite(result.meta_loss)):
-            # Dropped: the trajectory never reaches the weights, and a fresh task replaces it.
-            self._drop_trajectory()
+        finite = bool(result.finite and torch.isfinite(result.meta_loss))
+        # Under DDP every rank must take the backward (its all-reduce) or none: a rank with a
+        # non-finite truncation makes all ranks skip this meta-step; only that rank drops its task.
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            if finite:
+                self._traj.detach()
+            else:  # dropped: the trajectory never reaches the weights, and a fresh task replaces it
+                self._drop_trajectory()
             return
         opt.zero_grad()
         self.manual_backward(result.meta_loss)
