@@ -105,8 +105,9 @@ class LearnedOptimizer(Optimizer):
 
     ``m`` is the same :class:`~lightning_l2l.nets.UpdateRule` ``forward`` that meta-training
     unrolls (:func:`lightning_l2l.trajectory.unroll`), called under ``no_grad`` on flat vectors of
-    coordinates: one call per kind per step (per chunk of ``chunk_size`` coordinates), never a
-    Python loop over coordinates. With ``lr=1`` it reproduces meta-training's updates exactly.
+    coordinates: one call per kind and param group per step (per chunk of ``chunk_size``
+    coordinates; :meth:`from_module` makes one group per kind), never a Python loop over
+    coordinates or a network call per parameter. With ``lr=1`` it reproduces meta-training's updates exactly.
 
     Kinds (section 3.3, per-layer-type LSTMs): a param group may carry ``kind`` (``conv``,
     ``fc``, ...), routed by a :class:`~lightning_l2l.nets.PerKindRule` to its network; a rule with a
