@@ -25,6 +25,12 @@ from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM
 from lightning_l2l.tasks import ModuleTask, QuadraticFamily, QuadraticTask
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread: the suite is thousands of tiny ops, which threads only slow down
+    (spin-waiting), many times over on a busy 2-core CI machine."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     """Every test starts from the same global RNG state."""
