@@ -1,0 +1,173 @@
+"""Mixed precision and DDP: MetaLearner and LearnedOptimizer under Lightning's own machinery.
+
+DDP runs two CPU processes with the gloo backend (``ddp_spawn``, so that it works from pytest).
+Each rank writes what it saw to a JSON file; the test reads them back after the spawn returns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_l2l import LearnedOptimizerCallback
+from lightning_l2l.meta import MetaLearner
+from lightning_l2l.nets import CoordinatewiseLSTM
+from lightning_l2l.tasks import QuadraticFamily
+
+
+def _model(**kwargs) -> MetaLearner:
+    args = dict(
+        rule=CoordinatewiseLSTM(hidden_size=8), task_family=QuadraticFamily(dim=4, num_functions=8),
+        horizon=10, unroll=5, meta_lr=1e-2, truncations_per_epoch=4, num_val_tasks=1, num_test_tasks=1,
+        meta_lr_schedule="constant",
+    )
+    args.update(kwargs)
+    return MetaLearner(**args)
+
+
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+class _RecordRanks(Callback):
+    """After every meta-step: this rank's rule weights and current task, written per rank."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        gathered = trainer.strategy.all_gather(_flat(pl_module.rule))  # (ranks, n)
+        self.rows.append({
+            "step": trainer.global_step,
+            "max_weight_diff": float((gathered - gathered[0]).abs().max()),
+            "task_W0": float(pl_module._traj.task.W.reshape(-1)[0]),
+        })
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+def test_ddp_meta_training_two_ranks(tmp_path):
+    model = _model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, limit_val_batches=0,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[_RecordRanks(tmp_path), ckpt], default_root_dir=tmp_path,
+    )
+    trainer.fit(model)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert [r["step"] for r in rank0] == [1, 2, 3, 4]
+    # the rule's weights are identical on both ranks after every meta-step
+    assert all(r["max_weight_diff"] == 0.0 for r in rank0 + rank1)
+    # ... while the ranks meta-train on different tasks
+    assert all(a["task_W0"] != b["task_W0"] for a, b in zip(rank0, rank1, strict=True))
+
+    # a checkpoint written under DDP resumes in a single process
+    last = tmp_path / "ckpt" / "last.ckpt"
+    resumed = _model()
+    single = L.Trainer(accelerator="cpu", devices=1, max_steps=6, limit_val_batches=0, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    single.fit(resumed, ckpt_path=last)
+    assert single.global_step == 6
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert not torch.equal(saved["rule.out.weight"], resumed.rule.out.weight.detach())  # it trained on
+
+
+class _Regression(L.LightningModule):
+    """A user's model: linear regression on fixed data, Adam in configure_optimizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g)
+        return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+
+class _RecordParams(Callback):
+    def __init__(self, out: Path) -> None:
+        self.out, self.diffs, self.optimizers = out, [], set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        gathered = trainer.strategy.all_gather(_flat(pl_module))
+        self.diffs.append(float((gathered - gathered[0]).abs().max()))
+        self.optimizers.add(type(trainer.optimizers[0]).__name__)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.out / f"params{trainer.global_rank}.json").write_text(
+            json.dumps({"diffs": self.diffs, "optimizers": sorted(self.optimizers)}))
+
+
+def test_learned_optimizer_under_ddp_keeps_ranks_identical(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[LearnedOptimizerCallback(weights="quadratic"), _RecordParams(tmp_path)],
+    )
+    trainer.fit(_Regression())
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"params{rank}.json").read_text())
+        assert seen["optimizers"] == ["LearnedOptimizer"]
+        assert len(seen["diffs"]) == 6 and max(seen["diffs"]) == 0.0
+
+
+def test_bf16_mixed_meta_training_on_cpu(tmp_path):
+    """bf16-mixed runs the rule's matmuls in bfloat16 (different numbers than fp32) and stays finite."""
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        torch.manual_seed(0)
+        model = _model()
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=4, limit_val_batches=0,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False)
+        trainer.fit(model)
+        assert model.nonfinite_count == 0
+        assert all(p.dtype == torch.float32 for p in model.rule.parameters())  # master weights stay fp32
+        results[precision] = _flat(model.rule)
+    assert torch.isfinite(results["bf16-mixed"]).all()
+    assert not torch.equal(results["32-true"], results["bf16-mixed"])
+
+
+def test_bf16_autocast_keeps_preprocessing_in_float32():
+    rule = CoordinatewiseLSTM(hidden_size=8)
+    grad = torch.tensor([1e-6, -3e-5, 2.0, 0.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from lightning_l2l.nets.preprocess import log_sign
+
+        features = log_sign(grad)
+        update, state = rule(grad, rule.init_state(4))
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features, log_sign(grad))  # exactly the float32 values
+    assert update.dtype == torch.float32 and torch.isfinite(update).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_meta_training_on_gpu(precision):
+    torch.manual_seed(0)
+    model = _model()
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=4, limit_val_batches=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    trainer.fit(model)
+    assert model.nonfinite_count == 0 and torch.isfinite(_flat(model.rule)).all()
+
