@@ -16,15 +16,6 @@ from lightning_l2l.tasks import ModuleTask, QuadraticFamily, QuadraticTask
 from lightning_l2l.trajectory import Trajectory, unroll
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sgd_rule(lr: float) -> CoordinatewiseLinear:
     """Learned SGD with its scale exactly ``-lr`` in float64 (not a float32 rounding of it)."""
     rule = CoordinatewiseLinear(lr=lr).double()

@@ -24,15 +24,6 @@ from lightning_l2l.nets import CoordinatewiseLSTM, save_rule
 SHIPPED = "quadratic" in pretrained.available()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class UserModel(L.LightningModule):
     """What a user already has: a model, a loss, data, and an optimizer of their choice."""
 

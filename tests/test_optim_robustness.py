@@ -13,15 +13,6 @@ from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule
 from lightning_l2l.optim import param_groups_by_kind, shape_kind
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grads(opt: LearnedOptimizer, params, grads) -> None:
     for p, g in zip(params, grads, strict=True):
         p.grad = None if g is None else g.clone()
