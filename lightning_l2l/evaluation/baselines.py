@@ -35,8 +35,17 @@ def baseline_curve(
 ) -> Tensor:
     """Loss per problem of baseline ``name`` at ``lr`` over ``num_steps`` steps: ``(num_steps + 1,)``.
 
-    A run that turns non-finite stays non-finite (``inf``) from that step on.
+    Records the task's ``eval_loss`` (e.g. the full-data loss) where it defines one, else the
+    step's loss. A run that turns non-finite stays non-finite (``inf``) from that step on.
     """
+    return _run_baseline(name, lr, task, num_steps, device, eval_every_step=True)
+
+
+def _run_baseline(
+    name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None, eval_every_step: bool
+) -> Tensor:
+    """:func:`baseline_curve`; with ``eval_every_step=False`` only the last entry is the ``eval_loss``
+    (the others are the steps' losses), which is all tuning needs and spares a full-data pass per step."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; available: {sorted(BASELINES)}")
     with torch.inference_mode(False), torch.enable_grad():
@@ -46,9 +55,13 @@ def baseline_curve(
         for step in range(num_steps + 1):
             opt.zero_grad(set_to_none=True)
             loss = task.loss(params, step)
-            value = loss.detach() / task.num_problems
+            recorded = None
+            if eval_every_step or step == num_steps:
+                with torch.no_grad():
+                    recorded = task.eval_loss(params)  # e.g. the full-data loss; None: the step's loss
+            value = (loss if recorded is None else recorded).detach() / task.num_problems
             curve.append(value)
-            if not torch.isfinite(value):
+            if not (torch.isfinite(value) and torch.isfinite(loss)):
                 curve.extend([torch.full_like(value, math.inf)] * (num_steps - step))
                 break
             if step < num_steps:
@@ -85,7 +98,7 @@ def tune_baseline(
         raise ValueError("tune_baseline needs at least one validation task")
     scores: dict[float, float] = {}
     for lr in lr_grid:
-        finals = [float(baseline_curve(name, lr, t, num_steps, device)[-1]) for t in tasks]
+        finals = [float(_run_baseline(name, lr, t, num_steps, device, eval_every_step=False)[-1]) for t in tasks]
         score = sum(finals) / len(finals)
         scores[lr] = score if math.isfinite(score) else math.inf
     best = min(scores, key=lambda lr: scores[lr])

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric, SumMetric
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.tasks import Task, TaskFamily
-from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import OBJECTIVES, Trajectory, rule_curve, unroll
 
 __all__ = ["MetaLearner"]
 
@@ -66,6 +66,9 @@ class MetaLearner(L.LightningModule):
         baselines: baselines the test compares against.
         lr_grid: learning rates the baselines are tuned over.
         report_dir: where test writes ``comparison.{md,csv,png}``; default: the logger's directory.
+        meta_objective: ``"mean"``: the paper's ``L(phi)``, the mean loss over each truncation;
+            ``"log_mean"``: the mean log loss, so that the small losses late in a trajectory weigh
+            as much as the large early ones (not in the paper; see :func:`~lightning_l2l.trajectory.unroll`).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class MetaLearner(L.LightningModule):
         baselines: list[str] | None = None,
         lr_grid: list[float] | None = None,
         report_dir: str | None = None,
+        meta_objective: str = "mean",
     ) -> None:
         super().__init__()
         if not isinstance(rule, UpdateRule):
@@ -108,6 +112,8 @@ class MetaLearner(L.LightningModule):
             raise ValueError(f"Invalid meta_lr: {meta_lr} (expected > 0)")
         if meta_lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"Invalid meta_lr_schedule: {meta_lr_schedule!r} (expected 'constant' or 'cosine')")
+        if meta_objective not in OBJECTIVES:
+            raise ValueError(f"Invalid meta_objective: {meta_objective!r} (expected one of {OBJECTIVES})")
         if grad_clip < 0:
             raise ValueError(f"Invalid grad_clip: {grad_clip} (expected >= 0; 0 disables clipping)")
         for name, n in (("truncations_per_epoch", truncations_per_epoch), ("num_val_tasks", num_val_tasks),
@@ -186,7 +192,8 @@ class MetaLearner(L.LightningModule):
             self._traj = self._new_trajectory()
         steps = min(self.hparams.unroll, self.hparams.horizon - self._traj.step)
         result = unroll(
-            self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives
+            self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives,
+            objective=self.hparams.meta_objective,
         )
         opt = self.optimizers()
         finite = bool(result.finite and torch.isfinite(result.meta_loss))

@@ -1,7 +1,21 @@
 """Optimizee problems: task families sample tasks; a task gives parameters, loss and kinds."""
 
 from lightning_l2l.tasks.base import Task, TaskFamily
+from lightning_l2l.tasks.conv import ConvFamily, ConvTask
+from lightning_l2l.tasks.mnist import MNISTFamily, MNISTMixtureFamily, MNISTTask
 from lightning_l2l.tasks.module import ModuleTask, ModuleTaskFamily
 from lightning_l2l.tasks.quadratic import QuadraticFamily, QuadraticTask
 
-__all__ = ["Task", "TaskFamily", "QuadraticTask", "QuadraticFamily", "ModuleTask", "ModuleTaskFamily"]
+__all__ = [
+    "Task",
+    "TaskFamily",
+    "QuadraticTask",
+    "QuadraticFamily",
+    "ModuleTask",
+    "ModuleTaskFamily",
+    "MNISTTask",
+    "MNISTFamily",
+    "MNISTMixtureFamily",
+    "ConvTask",
+    "ConvFamily",
+]

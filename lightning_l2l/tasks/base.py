@@ -31,6 +31,17 @@ class Task(ABC):
     def loss(self, params: dict[str, Tensor], step: int) -> Tensor:
         """The scalar loss at optimizee step ``step`` (differentiable in ``params``)."""
 
+    def eval_loss(self, params: dict[str, Tensor]) -> Tensor | None:
+        """The loss that learning curves report, or ``None`` to report :meth:`loss` at each step.
+
+        A data task whose :meth:`loss` is a minibatch loss may return the loss on its whole
+        dataset here (the "full-data loss"): evaluation curves (:func:`~lightning_l2l.trajectory.rule_curve`,
+        the tuned baselines, ``MetaLearner`` validation and test) then record it instead of the
+        step's minibatch loss, while the gradients and the meta-training loss keep using
+        :meth:`loss`. It is called without a graph and should return a detached scalar.
+        """
+        return None
+
     def kinds(self) -> dict[str, str]:
         """Kind of each parameter; parameters not listed are of kind ``"default"``."""
         return {}

@@ -1,0 +1,253 @@
+"""Conv nets (section 3.3, Figure 7): learned rules against tuned baselines on held-out 10-, 5- and 2-class problems.
+
+    python benchmarks/conv_compare.py \\
+        --rule two=runs/conv/checkpoints/best.ckpt:10,5,2 \\
+        --rule one=runs/conv_one_lstm/checkpoints/best.ckpt:10,5,2 \\
+        --rule sub=runs/conv_sub/checkpoints/best.ckpt:5,2 \\
+        --out docs/results/conv
+
+A rule is ``LABEL=WEIGHTS[:PROBLEMS]``: a shipped name, a ``.safetensors`` file or a ``MetaLearner``
+checkpoint, and the problems (numbers of classes) to run it on. The labels of each problem are
+:data:`PROBLEMS` (10: all; 5: labels 0-4; 2: labels 2 and 4, Pullover vs Coat, a confusable pair:
+the first two labels, T-shirt vs Trouser, are separated by every optimizer to a loss below 1e-3 in
+100 steps); its networks, data and evaluation loss are those of ``--config``'s ``test_family``
+(configs/conv.yaml: Fashion-MNIST, 3 conv layers of 8 channels), with ``classes`` replaced.
+
+For each problem: every baseline (SGD, NAG, RMSprop, Adam) is tuned on ``--num-val`` validation
+tasks (images of the validation pool, seed stream of ``MetaLearner``'s validation tasks) by the
+mean loss at the horizon over a half-decade grid that is widened until the best rate is interior,
+then refined to a quarter decade; then every optimizer runs on the same ``--num-test`` test tasks
+(images of the test pool, which neither meta-training, checkpoint selection nor tuning sees; one
+seed per task: network initialisation and minibatch sequence). Losses are the tasks'
+``eval_loss`` (the loss on 500 fixed images of the task's pool) at every step.
+
+Writes into ``--out``: ``summary.md`` (table: mean ± s.e.m. over test tasks at the horizon, ratio to
+the best tuned baseline, test tasks won), ``results.json`` (everything, incl. per-task curves),
+``curves_<k>class.csv`` (mean curves) and ``figure7.png`` (one panel per problem, log scale).
+Baseline tuning and curves are cached in ``--cache`` (keyed by their inputs), so adding a rule
+re-runs only that rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lightning_l2l.evaluation import baseline_curve, tune_baseline
+from lightning_l2l.pretrained import available, resolve
+from lightning_l2l.tasks import ConvFamily, Task
+from lightning_l2l.trajectory import rule_curve
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ("sgd", "nag", "rmsprop", "adam")
+LABELS = {"sgd": "SGD", "nag": "NAG", "rmsprop": "RMSprop", "adam": "ADAM"}
+# the seed streams of MetaLearner's validation and test tasks (seed 0)
+VAL_SEED, TEST_SEED = 1_000_003, 2_000_003
+#: labels of the 10-, 5- and 2-class problems (LSTM-sub, configs/conv_sub.yaml, meta-trains on 5-9)
+PROBLEMS = {10: list(range(10)), 5: [0, 1, 2, 3, 4], 2: [2, 4]}
+# first guesses of each baseline's half-decade grid (exponents of 10), widened while the best is at an edge
+START_GRID = {"sgd": (-1.5, 0.0), "nag": (-2.0, -0.5), "rmsprop": (-3.0, -1.5), "adam": (-2.5, -1.0)}
+
+
+def family_args(config: Path) -> dict[str, Any]:
+    """``init_args`` of the config's ``test_family`` (YAML anchors resolved)."""
+    model = yaml.safe_load(config.read_text())["model"]
+    return dict(model["test_family"]["init_args"])
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cached(cache: Path | None, key: str, compute):  # noqa: ANN001, ANN202
+    path = cache / f"{key}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    return value
+
+
+def tune(name: str, val: list[Task], horizon: int) -> dict[str, Any]:
+    """Half-decade grid widened until the best rate is interior, then the quarter decades around it."""
+    scores: dict[float, float] = {}
+
+    def score(e: float) -> float:
+        e = round(e, 2)
+        if e not in scores:
+            scores[e] = tune_baseline(name, val, horizon, [10**e]).scores[10**e]
+        return scores[e]
+
+    lo, hi = START_GRID[name]
+    for e in torch.arange(lo, hi + 0.01, 0.5).tolist():
+        score(e)
+    for _ in range(6):  # widen
+        best = min(scores, key=scores.get)
+        if best == min(scores):
+            score(best - 0.5)
+        elif best == max(scores):
+            score(best + 0.5)
+        else:
+            break
+    best = min(scores, key=scores.get)
+    score(best - 0.25)
+    score(best + 0.25)
+    best = min(scores, key=scores.get)
+    return {"lr": 10**best, "scores": {f"{10**e:.6g}": s for e, s in sorted(scores.items())},
+            "at_edge": best in (min(scores), max(scores))}
+
+
+def parse_rule(text: str) -> tuple[str, str, list[int]]:
+    label, _, rest = text.partition("=")
+    weights, _, problems = rest.rpartition(":") if ":" in rest and rest.rsplit(":", 1)[1].replace(",", "").isdigit() \
+        else (rest, "", "")
+    return label, weights, [int(k) for k in problems.split(",")] if problems else []
+
+
+def weights_digest(weights: str) -> str:
+    path = ROOT / "lightning_l2l" / "pretrained" / f"{weights}.safetensors" if weights in available() else Path(weights)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    x = torch.tensor(values, dtype=torch.float64)
+    if not torch.isfinite(x).all():
+        return math.inf, math.nan
+    return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def plot(results: dict[int, dict[str, Any]], learned: dict[str, list[int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"sgd": dict(color="tab:blue"), "nag": dict(color="tab:red"), "rmsprop": dict(color="tab:purple"),
+              "adam": dict(color="tab:green")}
+    learned_colors = ["tab:orange", "tab:brown", "tab:olive", "tab:pink", "tab:cyan"]
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8), squeeze=False)
+    for ax, (k, r) in zip(axes[0], sorted(results.items(), reverse=True), strict=True):
+        for i, label in enumerate(learned):
+            if label in r["curves"]:
+                curve = torch.tensor(r["curves"][label], dtype=torch.float64).mean(0)
+                ax.plot(curve.numpy(), color=learned_colors[i % len(learned_colors)], lw=2.2, label=f"LSTM {label}")
+        for name in BASELINES:
+            curve = torch.tensor(r["curves"][name], dtype=torch.float64).mean(0)
+            ax.plot(curve.numpy(), lw=1.2, label=f"{LABELS[name]} (lr {r['lrs'][name]:.2g})", **styles[name])
+        ax.set_yscale("log")
+        ax.set_title(f"{r['dataset']}, {k} classes {r['classes'] if k < 10 else ''} (test images)")
+        ax.set_xlabel("step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (mean over test tasks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rule", action="append", default=[], help="LABEL=WEIGHTS[:10,5,2]")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "conv.yaml"))
+    parser.add_argument("--problems", type=int, nargs="+", default=[10, 5, 2], choices=sorted(PROBLEMS))
+    parser.add_argument("--horizon", type=int, default=100)
+    parser.add_argument("--num-val", type=int, default=3)
+    parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "conv"))
+    parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_compare_cache"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out, cache = Path(args.out), Path(args.cache) if args.cache else None
+    out.mkdir(parents=True, exist_ok=True)
+    base = family_args(Path(args.config))
+    rules = {}
+    learned: dict[str, list[int]] = {}
+    for text in args.rule:
+        label, weights, problems = parse_rule(text)
+        rule, _ = resolve(weights)
+        rules[label] = (rule.eval().requires_grad_(False), weights_digest(weights))
+        learned[label] = problems or list(args.problems)
+    results: dict[int, dict[str, Any]] = {}
+    for k in args.problems:
+        start = time.perf_counter()
+        fam = {**base, "classes": PROBLEMS[k]}
+        ident = {"family": fam, "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test}
+        val_gen, test_gen = torch.Generator().manual_seed(VAL_SEED), torch.Generator().manual_seed(TEST_SEED)
+        val = [ConvFamily(**{**fam, "split": "val"}).sample(val_gen) for _ in range(args.num_val)]
+        test = [ConvFamily(**{**fam, "split": "test"}).sample(test_gen) for _ in range(args.num_test)]
+        r: dict[str, Any] = {"classes": fam["classes"], "dataset": fam.get("dataset", "fashion_mnist"),
+                             "curves": {}, "lrs": {}, "tuning": {}}
+        for name in BASELINES:
+            def run_baseline(name: str = name, val: list[Task] = val, test: list[Task] = test) -> dict[str, Any]:
+                tuned = tune(name, val, args.horizon)
+                curves = [baseline_curve(name, tuned["lr"], t, args.horizon).tolist() for t in test]
+                return {**tuned, "curves": curves}
+
+            b = cached(cache, f"baseline_{name}_{digest(ident)}", run_baseline)
+            r["curves"][name], r["lrs"][name], r["tuning"][name] = b["curves"], b["lr"], b
+            print(f"  {k} classes, {name}: lr {b['lr']:.3g}{' (grid edge!)' if b['at_edge'] else ''}", flush=True)
+        for label, (rule, wd) in rules.items():
+            if k not in learned[label]:
+                continue
+            r["curves"][label] = cached(cache, f"rule_{label}_{wd}_{digest(ident)}",
+                                        lambda rule=rule, test=test: [rule_curve(rule, t, args.horizon).tolist() for t in test])
+            r["lrs"][label] = None
+        r["seconds"] = round(time.perf_counter() - start, 1)
+        results[k] = r
+        print(f"{k} classes done in {r['seconds']} s", flush=True)
+
+    # ---------------------------------------------------------------------------------- report
+    rows = []
+    lines = [f"| problem | optimizer | loss at step {args.horizon} (mean ± s.e.m. over {args.num_test} test tasks) | lr | "
+             "/ best tuned baseline | test tasks below best baseline |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for k, r in results.items():
+        finals = {name: [c[-1] for c in curves] for name, curves in r["curves"].items()}
+        best = min(BASELINES, key=lambda b: mean_sem(finals[b])[0])
+        best_mean = mean_sem(finals[best])[0]
+        order = [n for n in learned if n in finals] + sorted(BASELINES, key=lambda b: mean_sem(finals[b])[0])
+        for name in order:
+            m, s = mean_sem(finals[name])
+            wins = sum(a < b for a, b in zip(finals[name], finals[best], strict=True))
+            row = {"classes": k, "optimizer": name, "final_mean": m, "final_sem": s, "lr": r["lrs"][name],
+                   "ratio_to_best_baseline": m / best_mean, "best_baseline": best,
+                   "tasks_below_best_baseline": wins, "num_test_tasks": len(finals[name])}
+            rows.append(row)
+            lr = "-" if r["lrs"][name] is None else f"{r['lrs'][name]:.3g}"
+            shown = f"LSTM {name}" if name in learned else LABELS[name] + (" (best)" if name == best else "")
+            won = f"{wins}/{len(finals[name])}" if name in learned else "-"
+            lines.append(f"| {k} classes | {shown} | {m:.4f} ± {s:.4f} | {lr} | {m / best_mean:.3f} | {won} |")
+        with (out / f"curves_{k}class.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            names = list(r["curves"])
+            writer.writerow(["step", *names])
+            means = {n: torch.tensor(r["curves"][n], dtype=torch.float64).mean(0) for n in names}
+            for step in range(args.horizon + 1):
+                writer.writerow([step, *(f"{float(means[n][step]):.6g}" for n in names)])
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    meta = {"rules": {label: {"weights": text.partition("=")[2], "digest": rules[label][1]}
+                      for label, text in zip(rules, args.rule, strict=True)},
+            "config": str(Path(args.config).resolve().relative_to(ROOT)), "family": base,
+            "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test,
+            "machine": platform.processor() or platform.machine(), "threads": args.threads}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}, indent=1) + "\n")
+    plot(results, list(learned), out / "figure7.png")
+    print("\n".join(lines))
+    print(f"wrote {out}/summary.md, results.json, curves_*class.csv, figure7.png")
+
+
+if __name__ == "__main__":
+    main()

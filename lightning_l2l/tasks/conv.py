@@ -1,0 +1,280 @@
+"""Small convolutional networks, the third experiment of Andrychowicz et al. (2016), section 3.3.
+
+The paper's optimizee is a CIFAR-10 classifier of three convolutional layers with max pooling
+and batch normalization, then a fully connected layer of 32 units, ReLU throughout, trained with
+the cross-entropy on minibatches of 128. Its optimizer has two coordinatewise LSTMs, one for
+convolutional and one for fully connected parameters (a
+:class:`~lightning_l2l.nets.PerKindRule` with networks ``conv`` and ``fc``). The subsets of the
+labels (2, 5 or 10 classes) and "LSTM-sub" (an optimizer meta-trained on other labels than those
+it is tested on, Figure 7) are the ``classes`` argument of :class:`ConvFamily`.
+
+Network (:func:`conv_net`): three blocks ``conv k x k (same padding) -> batch norm -> ReLU ->
+max pool 2x2`` (the order of the authors' public code, deepmind/learning-to-learn
+``problems.cifar10``), flatten, ``linear -> batch norm -> ReLU`` with ``hidden`` units (32), and a
+linear layer to the logits. Defaults here: 16 channels per conv layer (as the authors' code),
+3x3 kernels (their code uses 5x5 on 32x32 CIFAR images; 3x3 is cheaper on 28x28 ones). A conv
+layer followed by batch norm has no bias (the batch norm's shift replaces it; a bias there would
+get an exactly zero gradient). Parameters keep PyTorch's default initialisation, drawn from each
+task's seed.
+
+Batch norm always uses the statistics of the batch it sees (``track_running_stats=False``), in
+meta-training, validation, test and baselines alike: the optimizee loss is then a pure function of
+the parameters and the minibatch, as section 2 of the paper assumes, and no running statistics are
+carried (or mutated) between steps, trajectories or the optimizers compared on the same task.
+
+Routing parameters to the rule's networks (``kind_map``): each parameter first gets the kind of
+the layer owning it (``conv``, ``fc``, ``norm``; :func:`lightning_l2l.nets.module_param_kinds`),
+then ``kind_map`` may send it elsewhere. Keys are, most specific first, a parameter's name
+(``"conv1.weight"``), ``"<layer kind>.<weight|bias>"`` (``"conv.bias"``) or a layer kind
+(``"norm"``); values are the kinds the rule sees. The default, :data:`DEFAULT_KIND_MAP`, is the
+assignment of the authors' public code: convolution kernels to the ``conv`` LSTM, everything else
+(conv biases, batch-norm parameters, fully connected layers) to the ``fc`` LSTM. ``{"norm":
+"conv"}`` sends batch-norm parameters to the conv LSTM instead; ``{}`` leaves them of kind ``norm``,
+which a :class:`~lightning_l2l.nets.PerKindRule` serves with its ``default`` network (or a third
+network under ``norm``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_l2l.nets.kinds import KIND_BY_LAYER, module_param_kinds
+from lightning_l2l.tasks.base import TaskFamily
+from lightning_l2l.tasks.images import DATASETS, image_pools
+from lightning_l2l.tasks.mnist import SPLITS, stratified_split
+from lightning_l2l.tasks.module import ModuleTask
+
+__all__ = ["DEFAULT_KIND_MAP", "ConvTask", "ConvFamily", "conv_net", "routed_kinds"]
+
+#: the authors' assignment (deepmind/learning-to-learn ``util.py``, problem ``cifar-multi``):
+#: conv kernels -> ``conv``; conv biases, batch-norm parameters and linear layers -> ``fc``
+DEFAULT_KIND_MAP: dict[str, str] = {"conv.bias": "fc", "norm": "fc"}
+_LAYER_KINDS = {kind for _, kind in KIND_BY_LAYER} | {"other"}
+
+
+def conv_net(
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    channels: Sequence[int] = (16, 16, 16),
+    kernel_size: int = 3,
+    hidden: int = 32,
+    batch_norm: bool = True,
+) -> nn.Sequential:
+    """The section 3.3 network: ``len(channels)`` conv blocks, a hidden linear layer, the logits.
+
+    Layers are named ``conv1, bn1, relu1, pool1, ..., flatten, fc1, bn_fc1, relu_fc1, fc2``
+    (without ``bn*`` when ``batch_norm=False``, in which case the conv layers have biases).
+    """
+    if len(channels) < 1 or min(channels) < 1:
+        raise ValueError(f"Invalid channels: {list(channels)} (expected positive channel counts, e.g. [16, 16, 16])")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"Invalid kernel_size: {kernel_size} (expected an odd size >= 1 for 'same' padding)")
+    if hidden < 1:
+        raise ValueError(f"Invalid hidden: {hidden} (expected >= 1 units; the paper uses 32)")
+    if num_classes < 2:
+        raise ValueError(f"Invalid num_classes: {num_classes} (expected >= 2)")
+    side = image_size
+    for _ in channels:
+        side //= 2
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for {len(channels)} 2x2 max-pooling layers")
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    cin = in_channels
+    for i, c in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(cin, c, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+        if batch_norm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c, track_running_stats=False)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"pool{i}"] = nn.MaxPool2d(2)  # (n, c, s, s) -> (n, c, s // 2, s // 2)
+        cin = c
+    layers["flatten"] = nn.Flatten()  # (n, c, side, side) -> (n, c * side * side)
+    layers["fc1"] = nn.Linear(cin * side * side, hidden)
+    if batch_norm:
+        layers["bn_fc1"] = nn.BatchNorm1d(hidden, track_running_stats=False)
+    layers["relu_fc1"] = nn.ReLU()
+    layers["fc2"] = nn.Linear(hidden, num_classes)
+    return nn.Sequential(layers)
+
+
+def _check_kind_map(kind_map: Mapping[str, str], module: nn.Module) -> None:
+    names = {n for n, _ in module.named_parameters()}
+    for key, value in kind_map.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not value:
+            raise ValueError(f"Invalid kind_map entry {key!r}: {value!r} (expected string keys and non-empty kinds)")
+        if key in _LAYER_KINDS or key in names:
+            continue
+        head, _, leaf = key.partition(".")
+        if head in _LAYER_KINDS and leaf and "." not in leaf:
+            continue
+        raise ValueError(
+            f"Invalid kind_map key {key!r}: expected a layer kind {sorted(_LAYER_KINDS)}, "
+            f"'<layer kind>.<weight|bias>' (e.g. 'conv.bias') or a parameter name of the network ({sorted(names)})"
+        )
+
+
+def routed_kinds(module: nn.Module, kind_map: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Kind of every parameter of ``module`` after ``kind_map`` (see the module docstring).
+
+    A parameter's kind is ``kind_map[name]``, else ``kind_map["<layer kind>.<leaf name>"]``, else
+    ``kind_map["<layer kind>"]``, else its layer kind. ``kind_map=None`` means :data:`DEFAULT_KIND_MAP`.
+    Use it for a :class:`~lightning_l2l.LearnedOptimizer` on your own network with the shipped ``conv``
+    rule: ``[{"params": [p], "kind": kinds[n]} for n, p in model.named_parameters()]``.
+    """
+    kind_map = DEFAULT_KIND_MAP if kind_map is None else kind_map
+    _check_kind_map(kind_map, module)
+    out: dict[str, str] = {}
+    for name, kind in module_param_kinds(module).items():
+        leaf = name.rsplit(".", 1)[-1]
+        for key in (name, f"{kind}.{leaf}", kind):
+            if key in kind_map:
+                out[name] = kind_map[key]
+                break
+        else:
+            out[name] = kind
+    return out
+
+
+class ConvTask(ModuleTask):
+    """A conv net trained with the cross-entropy on a pool of images, minibatches drawn from the pool.
+
+    Images are stored as ``uint8`` and scaled to ``[0, 1]`` per minibatch. :meth:`loss` is the step's
+    minibatch loss; :meth:`eval_loss` the loss on the task's evaluation images (a fixed,
+    class-stratified subset of its pool; batch norm uses their statistics), which learning curves
+    report.
+    """
+
+    def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, eval_inputs: Tensor,
+                 eval_targets: Tensor, batch_size: int = 128, seed: int = 0,
+                 kinds: dict[str, str] | None = None) -> None:
+        super().__init__(module, inputs, targets, nn.functional.cross_entropy, batch_size, seed, kinds)
+        self.eval_inputs, self.eval_targets = eval_inputs, eval_targets
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        x, y = super().batch(step)
+        return x.float() / 255.0, y
+
+    def eval_loss(self, params: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            x = self.eval_inputs.float() / 255.0
+            return self.loss_fn(self.forward(params, x), self.eval_targets)
+
+    def accuracy(self, params: dict[str, Tensor]) -> float:
+        """Fraction of the evaluation images classified correctly."""
+        with torch.no_grad():
+            x = self.eval_inputs.float() / 255.0
+            return float((self.forward(params, x).argmax(1) == self.eval_targets).float().mean())
+
+    def to(self, device: torch.device | str) -> ConvTask:
+        super().to(device)
+        self.eval_inputs, self.eval_targets = self.eval_inputs.to(device), self.eval_targets.to(device)
+        return self
+
+
+class ConvFamily(TaskFamily):
+    """Conv nets (section 3.3) on a subset of the labels of an image dataset.
+
+    Each task is a freshly initialised :func:`conv_net` (PyTorch's default initialisation, drawn
+    from the task's seed) with its own minibatch sequence, on the images of ``split`` whose label
+    is in ``classes``; label ``classes[i]`` becomes target ``i``.
+
+    Args:
+        classes: labels of the problem (default: all 10). The 5- and 2-class problems of the
+            benchmarks are ``[0, 1, 2, 3, 4]`` and ``[2, 4]`` (Fashion-MNIST's Pullover vs Coat; its
+            first two labels, T-shirt vs Trouser, are separated almost perfectly by any optimizer
+            within 100 steps); "LSTM-sub" meta-trains on the disjoint labels ``[5, 6, 7, 8, 9]``.
+        split: image pool, ``"train"`` for meta-training, ``"val"`` / ``"test"`` for held-out images
+            (:func:`~lightning_l2l.tasks.images.image_pools`).
+        dataset: ``"fashion_mnist"`` (default, offline: 28x28 grayscale) or ``"cifar10"`` (needs ``data_dir``).
+        data_dir: Fashion-MNIST: the folder of its idx files (default
+            ``/usr/share/datasets/fashion-mnist``); CIFAR-10: torchvision's root.
+        batch_size: minibatch size (paper: 128).
+        eval_size: images of the pool (class-stratified, fixed per family) that :meth:`ConvTask.eval_loss`
+            uses; ``None``: the whole pool (memory grows with it).
+        channels: output channels of the conv layers (authors' code: 16, 16, 16).
+        kernel_size: conv kernel size (odd).
+        hidden: units of the hidden linear layer (paper: 32).
+        batch_norm: batch norm after every conv and the hidden linear layer (paper: yes).
+        kind_map: routing of parameters to the rule's kinds; ``None``: :data:`DEFAULT_KIND_MAP`
+            (the authors': conv kernels to ``conv``, the rest to ``fc``).
+        split_seed: seed of the stratified validation / test split and of the evaluation subset.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[int] | None = None,
+        split: str = "train",
+        dataset: str = "fashion_mnist",
+        data_dir: str | None = None,
+        batch_size: int = 128,
+        eval_size: int | None = 500,
+        channels: Sequence[int] = (16, 16, 16),
+        kernel_size: int = 3,
+        hidden: int = 32,
+        batch_norm: bool = True,
+        kind_map: dict[str, str] | None = None,
+        split_seed: int = 0,
+    ) -> None:
+        classes = list(range(10)) if classes is None else [int(c) for c in classes]
+        if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) > 9:
+            raise ValueError(f"Invalid classes: {classes} (expected at least 2 distinct labels in 0..9)")
+        if split not in SPLITS:
+            raise ValueError(f"Invalid split: {split!r} (expected one of {SPLITS})")
+        if dataset not in DATASETS:
+            raise ValueError(f"Invalid dataset: {dataset!r} (expected one of {DATASETS})")
+        if dataset == "cifar10" and data_dir is None:
+            raise ValueError("dataset='cifar10' needs data_dir= the folder torchvision's CIFAR10 reads; nothing is downloaded")
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1; the paper uses 128)")
+        if eval_size is not None and eval_size < 1:
+            raise ValueError(f"Invalid eval_size: {eval_size} (expected >= 1, or None for the whole pool)")
+        self.in_channels, self.image_size = (1, 28) if dataset == "fashion_mnist" else (3, 32)
+        self.classes, self.split, self.dataset, self.data_dir = classes, split, dataset, data_dir
+        self.batch_size, self.eval_size = batch_size, eval_size
+        self.channels, self.kernel_size, self.hidden, self.batch_norm = list(channels), kernel_size, hidden, batch_norm
+        self.kind_map = dict(DEFAULT_KIND_MAP if kind_map is None else kind_map)
+        self.split_seed = split_seed
+        _check_kind_map(self.kind_map, self.build_net())  # also validates the architecture
+        self._data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    def build_net(self) -> nn.Sequential:
+        """A fresh network of this family (initialised from the global RNG)."""
+        return conv_net(self.in_channels, self.image_size, len(self.classes), self.channels, self.kernel_size,
+                        self.hidden, self.batch_norm)
+
+    def data(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(images, targets, eval_images, eval_targets)`` of this family (loaded once per instance)."""
+        if self._data is None:
+            images, labels = image_pools(self.dataset, self.data_dir, self.split_seed)[self.split]
+            lookup = torch.full((10,), -1, dtype=torch.long)
+            lookup[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+            targets = lookup[labels]
+            keep = (targets >= 0).nonzero().squeeze(1)
+            images, targets = images[keep].contiguous(), targets[keep].contiguous()
+            if self.eval_size is None or self.eval_size >= len(targets):
+                eval_images, eval_targets = images, targets
+            else:
+                idx = stratified_split(targets, (self.eval_size,), self.split_seed)[0]
+                eval_images, eval_targets = images[idx].contiguous(), targets[idx].contiguous()
+            self._data = (images, targets, eval_images, eval_targets)
+        return self._data
+
+    def sample(self, generator: torch.Generator) -> ConvTask:
+        images, targets, eval_images, eval_targets = self.data()
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = self.build_net()
+        kinds = routed_kinds(module, self.kind_map)
+        return ConvTask(module, images, targets, eval_images, eval_targets, self.batch_size, seed, kinds)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}  # DDP spawn / pickling: reload the images, do not copy them
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(classes={self.classes}, split={self.split!r}, dataset={self.dataset!r}, "
+                f"channels={self.channels})")

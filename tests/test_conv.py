@@ -1,0 +1,300 @@
+"""Conv-net tasks (section 3.3): the idx reader, Fashion-MNIST / CIFAR-10 pools, the network, kind routing.
+
+Everything here runs on tiny synthetic files written in the real on-disk formats
+(``tests/image_data.py``); the tests that read the real Fashion-MNIST skip when it is not installed
+(``apt-get install dataset-fashion-mnist``; ``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKindRule
+from lightning_l2l.tasks import ConvFamily, ConvTask
+from lightning_l2l.tasks.conv import DEFAULT_KIND_MAP, conv_net, routed_kinds
+from lightning_l2l.tasks.images import FASHION_MNIST_DIR, fashion_mnist, image_pools, load_images, read_idx
+from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+from tests.image_data import allow_fake_cifar10, write_fake_cifar10, write_fashion_mnist, write_idx
+
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="the real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
+)
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """60 training and 40 test images of random pixels in the Fashion-MNIST idx layout."""
+    return str(write_fashion_mnist(tmp_path / "fashion"))
+
+
+def tiny_family(fashion_dir: str, **kwargs) -> ConvFamily:
+    args = dict(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=16, eval_size=20)
+    return ConvFamily(**{**args, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------- idx
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("dtype", ["uint8", "int8", ">i2", ">i4", ">f4", ">f8"])
+def test_read_idx_round_trips_every_type(tmp_path, dtype, compress):
+    array = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype) if dtype != "uint8" else np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "a.idx", array, compress=compress)
+    out = read_idx(path)
+    assert out.shape == (2, 3, 4)
+    assert np.array_equal(out.numpy(), array.astype(array.dtype.newbyteorder("=")))
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    good = write_idx(tmp_path / "good", np.zeros((2, 2), dtype=np.uint8), compress=False).read_bytes()
+    cases = {"magic": b"\x01" + good[1:], "type": good[:2] + b"\x07" + good[3:], "short": good[:-1],
+             "header": good[:6]}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+    with pytest.raises(ValueError, match="not an idx file"):
+        read_idx(tmp_path / "magic")
+    with pytest.raises(ValueError, match="unknown idx type code 0x07"):
+        read_idx(tmp_path / "type")
+    with pytest.raises(ValueError, match=r"3 data bytes for shape \[2, 2\] \(expected 4\)"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(ValueError, match="truncated idx header"):
+        read_idx(tmp_path / "header")
+    (tmp_path / "gz").write_bytes(gzip.compress(good))
+    assert read_idx(tmp_path / "gz").shape == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def test_fashion_mnist_reads_idx_files(fashion_dir):
+    images, labels = fashion_mnist(fashion_dir, train=True)
+    assert images.shape == (60, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and labels.tolist() == [i % 10 for i in range(60)]
+    assert fashion_mnist(fashion_dir, train=False)[0].shape == (40, 1, 28, 28)
+
+
+def test_missing_fashion_mnist_says_what_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_images("fashion_mnist", str(tmp_path))
+    message = str(err.value)
+    assert "apt-get install -y dataset-fashion-mnist" in message and "train-images-idx3-ubyte" in message
+
+
+def test_pools_are_disjoint_and_split_the_test_set_stratified(fashion_dir):
+    pools = image_pools("fashion_mnist", fashion_dir, split_seed=0)
+    assert {k: len(v[1]) for k, v in pools.items()} == {"train": 60, "val": 20, "test": 20}
+    assert torch.bincount(pools["val"][1], minlength=10).tolist() == [2] * 10
+    test_images, _ = fashion_mnist(fashion_dir, train=False)
+    rows = {k: {r.numpy().tobytes() for r in v[0]} for k, v in pools.items()}
+    assert not rows["val"] & rows["test"] and len(rows["val"] | rows["test"]) == 40
+    assert rows["val"] | rows["test"] == {r.numpy().tobytes() for r in test_images}
+
+
+@needs_fashion
+def test_real_fashion_mnist_is_the_full_set():
+    pools = image_pools()
+    assert {k: len(v[1]) for k, v in pools.items()} == {"train": 60000, "val": 5000, "test": 5000}
+    for split in ("val", "test"):
+        assert torch.bincount(pools[split][1]).tolist() == [500] * 10
+    images = pools["train"][0]
+    assert images.shape == (60000, 1, 28, 28) and int(images.max()) == 255
+
+
+def test_cifar10_through_torchvision_on_a_fake_copy(tmp_path, monkeypatch):
+    root = write_fake_cifar10(tmp_path / "cifar")
+    allow_fake_cifar10(monkeypatch)
+    images, labels = load_images("cifar10", str(root), train=True)
+    assert images.shape == (100, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (100,)
+    family = ConvFamily(dataset="cifar10", data_dir=str(root), split="val", channels=[2, 2, 2], eval_size=None)
+    task = family.sample(torch.Generator().manual_seed(0))
+    assert task.forward(task.init_params(), task.batch(0)[0]).shape == (20, 10)
+
+
+def test_cifar10_needs_a_data_dir_and_says_how(tmp_path):
+    with pytest.raises(ValueError, match="needs data_dir"):
+        ConvFamily(dataset="cifar10")
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_images("cifar10", str(tmp_path / "nothing"))
+
+
+# ------------------------------------------------------------------------------------------ network
+
+
+def test_conv_net_shapes_and_names():
+    net = conv_net()
+    assert net(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    names = [n for n, _ in net.named_parameters()]
+    assert names[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]  # no conv bias before batch norm
+    assert names[-2:] == ["fc2.weight", "fc2.bias"] and net.fc1.out_features == 32
+    assert not list(net.buffers())  # batch norm keeps no running statistics
+    rgb = conv_net(3, 32, 2, channels=(16, 16, 16), kernel_size=5, batch_norm=False)
+    assert rgb(torch.zeros(2, 3, 32, 32)).shape == (2, 2) and rgb.conv1.bias is not None
+    assert sum(p.numel() for p in conv_net(channels=(8, 8, 8)).parameters()) == 4002
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"channels": []}, "Invalid channels"), ({"kernel_size": 4}, "Invalid kernel_size: 4"),
+     ({"hidden": 0}, "Invalid hidden: 0"), ({"num_classes": 1}, "Invalid num_classes: 1"),
+     ({"image_size": 4}, "too small")],
+)
+def test_conv_net_rejects_bad_architectures(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        conv_net(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ routing
+
+
+def test_default_routing_is_the_authors():
+    kinds = routed_kinds(conv_net())
+    assert {n for n, k in kinds.items() if k == "conv"} == {"conv1.weight", "conv2.weight", "conv3.weight"}
+    assert set(kinds.values()) == {"conv", "fc"}
+    no_bn = routed_kinds(conv_net(batch_norm=False))
+    assert no_bn["conv1.bias"] == "fc" and no_bn["conv1.weight"] == "conv"
+    assert DEFAULT_KIND_MAP == {"conv.bias": "fc", "norm": "fc"}
+
+
+def test_kind_map_is_configurable_most_specific_key_first():
+    net = conv_net()
+    assert routed_kinds(net, {"norm": "conv"})["bn1.weight"] == "conv"
+    plain = routed_kinds(net, {})
+    assert plain["bn1.bias"] == "norm" and plain["fc1.weight"] == "fc"
+    mixed = routed_kinds(net, {"norm": "conv", "norm.bias": "fc", "bn_fc1.weight": "fc"})
+    assert (mixed["bn1.weight"], mixed["bn1.bias"], mixed["bn_fc1.weight"]) == ("conv", "fc", "fc")
+    for bad in ({"nrom": "fc"}, {"conv.bias.x": "fc"}, {"conv1.wieght": "fc"}, {"norm": ""}):
+        with pytest.raises(ValueError, match="Invalid kind_map"):
+            routed_kinds(net, bad)
+
+
+def test_per_kind_rule_gets_each_parameter_from_its_network(fashion_dir):
+    """With learned-SGD networks of different rates, every tensor moves by its routed rate."""
+    family = tiny_family(fashion_dir)
+    task = family.sample(torch.Generator().manual_seed(0))
+    rule = PerKindRule({"conv": CoordinatewiseLinear(lr=0.1), "fc": CoordinatewiseLinear(lr=0.01)}, default="fc")
+    traj = Trajectory.start(rule, task)
+    theta0 = {n: p.clone() for n, p in traj.params.items()}
+    params = {n: p.requires_grad_() for n, p in task.init_params().items()}
+    grads = dict(zip(params, torch.autograd.grad(task.loss(params, 0), list(params.values())), strict=True))
+    unroll(rule, traj, 1, differentiable=False)
+    for name, kind in task.kinds().items():
+        lr = 0.1 if kind == "conv" else 0.01
+        assert_close(traj.params[name], theta0[name] - lr * grads[name], msg=name)
+
+
+# -------------------------------------------------------------------------------------------- tasks
+
+
+def test_class_subsets_remap_labels_and_keep_only_those_images(fashion_dir):
+    family = tiny_family(fashion_dir, classes=[7, 2], split="train")
+    images, targets, eval_images, eval_targets = family.data()
+    assert len(targets) == 12 and sorted(targets.unique().tolist()) == [0, 1]
+    all_images, labels = fashion_mnist(fashion_dir, train=True)
+    assert torch.equal(images[targets == 0], all_images[labels == 7])  # label classes[i] -> target i
+    assert len(eval_targets) == 12  # eval_size 20 > pool: the whole pool
+    task = family.sample(torch.Generator().manual_seed(0))
+    assert task.forward(task.init_params(), task.batch(0)[0]).shape == (12, 2)  # batch 16 > pool: full batch
+
+
+def test_eval_subset_is_stratified_and_fixed(fashion_dir):
+    family = tiny_family(fashion_dir, eval_size=10)
+    _, _, eval_images, eval_targets = family.data()
+    assert torch.bincount(eval_targets, minlength=10).tolist() == [1] * 10
+    again = tiny_family(fashion_dir, eval_size=10).data()
+    assert torch.equal(eval_images, again[2])
+
+
+def test_tasks_are_pure_functions_of_the_generator(fashion_dir):
+    family = tiny_family(fashion_dir)
+    a, b = (family.sample(torch.Generator().manual_seed(3)) for _ in range(2))
+    c = family.sample(torch.Generator().manual_seed(4))
+    for name, p in a.init_params().items():
+        assert torch.equal(p, b.init_params()[name])
+    assert not torch.equal(a.init_params()["conv1.weight"], c.init_params()["conv1.weight"])
+    params = a.init_params()
+    assert torch.equal(a.loss(params, 5), a.loss(params, 5))  # batch-norm statistics of the batch only
+    assert not torch.equal(a.loss(params, 5), a.loss(params, 6))
+
+
+def test_losses_are_cross_entropies_on_scaled_images(fashion_dir):
+    task = tiny_family(fashion_dir).sample(torch.Generator().manual_seed(0))
+    assert isinstance(task, ConvTask)
+    params = task.init_params()
+    x, y = task.batch(0)
+    assert x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    expected = nn.functional.cross_entropy(task.forward(params, task.eval_inputs.float() / 255), task.eval_targets)
+    assert_close(task.eval_loss(params), expected)
+    assert 0.0 <= task.accuracy(params) <= 1.0
+
+
+def test_two_lstms_both_get_meta_gradients(fashion_dir):
+    family = tiny_family(fashion_dir)
+    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
+                       default="fc")
+    traj = Trajectory.start(rule, family.sample(torch.Generator().manual_seed(0)))
+    unroll(rule, traj, 3).meta_loss.backward()
+    for kind in ("conv", "fc"):
+        grads = [p.grad for p in rule.networks[kind].parameters()]
+        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    curve = rule_curve(rule, family.sample(torch.Generator().manual_seed(1)), 4)
+    assert curve.shape == (5,) and torch.isfinite(curve).all()
+
+
+def test_family_pickles_without_its_images(fashion_dir):
+    family = tiny_family(fashion_dir)
+    family.data()
+    clone = pickle.loads(pickle.dumps(family))
+    assert clone._data is None and torch.equal(clone.data()[1], family.data()[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"classes": [3]}, "Invalid classes"), ({"classes": [1, 1]}, "Invalid classes"),
+     ({"classes": [0, 10]}, "Invalid classes"), ({"split": "dev"}, "Invalid split"),
+     ({"dataset": "svhn"}, "Invalid dataset"), ({"batch_size": 0}, "Invalid batch_size"),
+     ({"eval_size": 0}, "Invalid eval_size"), ({"kind_map": {"bogus": "fc"}}, "Invalid kind_map key")],
+)
+def test_family_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ConvFamily(**kwargs)
+
+
+def test_family_defaults_match_the_docstring():
+    family = ConvFamily()
+    assert family.classes == list(range(10)) and family.split == "train" and family.dataset == "fashion_mnist"
+    assert (family.batch_size, family.eval_size, family.channels, family.kernel_size, family.hidden) == (
+        128, 500, [16, 16, 16], 3, 32)
+    assert family.batch_norm and family.kind_map == DEFAULT_KIND_MAP
+
+
+def test_learned_optimizer_with_routed_groups_matches_meta_training(fashion_dir):
+    """The two-LSTM rule applied by ``LearnedOptimizer`` (param groups of the routed kinds) takes the
+    steps that meta-training takes on the same task (STYLE.md, habit 5)."""
+    from lightning_l2l import LearnedOptimizer
+
+    family = tiny_family(fashion_dir)
+    task = family.sample(torch.Generator().manual_seed(0))
+    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
+                       default="fc")
+    traj = Trajectory.start(rule, task)
+    unroll(rule, traj, 3, differentiable=False)
+    model = family.build_net()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(task.init_params()[name])
+    kinds = routed_kinds(model, family.kind_map)
+    opt = LearnedOptimizer([{"params": [p], "kind": kinds[n]} for n, p in model.named_parameters()], rule)
+    for step in range(3):
+        opt.zero_grad()
+        task.loss(dict(model.named_parameters()), step).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert_close(p.detach(), traj.params[name], msg=name)
