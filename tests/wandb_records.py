@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -50,10 +51,24 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def wait_for_exit(path: str | Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The run file's records once its ``exit`` record is written.
+
+    ``Run.finish()`` hands the run to the ``wandb-core`` service process, which writes the file
+    asynchronously: the file can still be short when ``finish`` returns.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path) if Path(path).stat().st_size > _HEADER else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.25)
+
+
 def history(path: str | Path) -> list[dict[str, object]]:
     """The logged rows (``wandb.log`` / logger ``log_metrics`` calls) of a run file."""
     rows = []
-    for record in read_records(path):
+    for record in wait_for_exit(path):
         if record.WhichOneof("record_type") == "history":
             rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
     return rows
