@@ -128,7 +128,7 @@ def mean_sem(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def plot(results: dict[int, dict[str, Any]], learned: dict[str, list[int]], path: Path) -> None:
+def plot(results: dict[int, dict[str, Any]], learned: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,22 +136,26 @@ def plot(results: dict[int, dict[str, Any]], learned: dict[str, list[int]], path
 
     styles = {"sgd": dict(color="tab:blue"), "nag": dict(color="tab:red"), "rmsprop": dict(color="tab:purple"),
               "adam": dict(color="tab:green")}
-    learned_colors = ["tab:orange", "tab:brown", "tab:olive", "tab:pink", "tab:cyan"]
-    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8), squeeze=False)
+    learned_styles = [dict(color="tab:orange", lw=2.4), dict(color="black", lw=1.8, ls="--"),
+                      dict(color="tab:cyan", lw=2.0, ls="-."), dict(color="tab:brown", lw=1.6, ls=":"),
+                      dict(color="tab:olive", lw=1.6, ls=":"), dict(color="tab:pink", lw=1.6, ls=":")]
+    names = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+    fig, axes = plt.subplots(1, len(results), figsize=(4.8 * len(results), 4.0), squeeze=False)
     for ax, (k, r) in zip(axes[0], sorted(results.items(), reverse=True), strict=True):
+        for name in BASELINES:
+            curve = torch.tensor(r["curves"][name], dtype=torch.float64).mean(0)
+            ax.plot(curve.numpy(), lw=1.1, label=f"{LABELS[name]} (lr {r['lrs'][name]:.2g})", **styles[name])
         for i, label in enumerate(learned):
             if label in r["curves"]:
                 curve = torch.tensor(r["curves"][label], dtype=torch.float64).mean(0)
-                ax.plot(curve.numpy(), color=learned_colors[i % len(learned_colors)], lw=2.2, label=f"LSTM {label}")
-        for name in BASELINES:
-            curve = torch.tensor(r["curves"][name], dtype=torch.float64).mean(0)
-            ax.plot(curve.numpy(), lw=1.2, label=f"{LABELS[name]} (lr {r['lrs'][name]:.2g})", **styles[name])
+                ax.plot(curve.numpy(), label=label, **learned_styles[i % len(learned_styles)])
         ax.set_yscale("log")
-        ax.set_title(f"{r['dataset']}, {k} classes {r['classes'] if k < 10 else ''} (test images)")
+        labels = "" if k == 10 else f" (labels {', '.join(map(str, r['classes']))})"
+        ax.set_title(f"{names.get(r['dataset'], r['dataset'])}, {k} classes{labels}", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("loss (mean over test tasks)")
+    axes[0][0].set_ylabel("loss on held-out test tasks (mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -168,6 +172,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "conv"))
     parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_compare_cache"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", nargs="*", default=None, help="labels of the rules to plot (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, cache = Path(args.out), Path(args.cache) if args.cache else None
@@ -189,7 +194,7 @@ def main() -> None:
         val = [ConvFamily(**{**fam, "split": "val"}).sample(val_gen) for _ in range(args.num_val)]
         test = [ConvFamily(**{**fam, "split": "test"}).sample(test_gen) for _ in range(args.num_test)]
         r: dict[str, Any] = {"classes": fam["classes"], "dataset": fam.get("dataset", "fashion_mnist"),
-                             "curves": {}, "lrs": {}, "tuning": {}}
+                             "curves": {}, "lrs": {}, "tuning": {}, "val_finals": {}}
         for name in BASELINES:
             def run_baseline(name: str = name, val: list[Task] = val, test: list[Task] = test) -> dict[str, Any]:
                 tuned = tune(name, val, args.horizon)
@@ -197,23 +202,28 @@ def main() -> None:
                 return {**tuned, "curves": curves}
 
             b = cached(cache, f"baseline_{name}_{digest(ident)}", run_baseline)
-            r["curves"][name], r["lrs"][name], r["tuning"][name] = b["curves"], b["lr"], b
+            r["curves"][name], r["lrs"][name] = b["curves"], b["lr"]
+            r["tuning"][name] = {key: v for key, v in b.items() if key != "curves"}
+            r["val_finals"][name] = [b["scores"][f"{b['lr']:.6g}"]]  # mean over the validation tasks
             print(f"  {k} classes, {name}: lr {b['lr']:.3g}{' (grid edge!)' if b['at_edge'] else ''}", flush=True)
         for label, (rule, wd) in rules.items():
             if k not in learned[label]:
                 continue
-            r["curves"][label] = cached(cache, f"rule_{label}_{wd}_{digest(ident)}",
+            r["curves"][label] = cached(cache, f"rule_{wd}_{digest(ident)}",
                                         lambda rule=rule, test=test: [rule_curve(rule, t, args.horizon).tolist() for t in test])
             r["lrs"][label] = None
+            # on the validation tasks too: what choosing among learned rules may look at (never the test)
+            r["val_finals"][label] = cached(cache, f"val_{wd}_{digest(ident)}",
+                                            lambda rule=rule, val=val: [float(rule_curve(rule, t, args.horizon)[-1]) for t in val])
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[k] = r
         print(f"{k} classes done in {r['seconds']} s", flush=True)
 
     # ---------------------------------------------------------------------------------- report
     rows = []
-    lines = [f"| problem | optimizer | loss at step {args.horizon} (mean ± s.e.m. over {args.num_test} test tasks) | lr | "
-             "/ best tuned baseline | test tasks below best baseline |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"| problem | optimizer | test: loss at step {args.horizon} (mean ± s.e.m. over {args.num_test} tasks) | lr | "
+             f"/ best tuned baseline | test tasks below best baseline | validation: loss at step {args.horizon} |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for k, r in results.items():
         finals = {name: [c[-1] for c in curves] for name, curves in r["curves"].items()}
         best = min(BASELINES, key=lambda b: mean_sem(finals[b])[0])
@@ -222,14 +232,17 @@ def main() -> None:
         for name in order:
             m, s = mean_sem(finals[name])
             wins = sum(a < b for a, b in zip(finals[name], finals[best], strict=True))
+            val_mean = sum(r["val_finals"][name]) / len(r["val_finals"][name])
             row = {"classes": k, "optimizer": name, "final_mean": m, "final_sem": s, "lr": r["lrs"][name],
+                   "val_final_mean": val_mean,
                    "ratio_to_best_baseline": m / best_mean, "best_baseline": best,
                    "tasks_below_best_baseline": wins, "num_test_tasks": len(finals[name])}
             rows.append(row)
             lr = "-" if r["lrs"][name] is None else f"{r['lrs'][name]:.3g}"
-            shown = f"LSTM {name}" if name in learned else LABELS[name] + (" (best)" if name == best else "")
+            shown = name if name in learned else LABELS[name] + (" (best)" if name == best else "")
             won = f"{wins}/{len(finals[name])}" if name in learned else "-"
-            lines.append(f"| {k} classes | {shown} | {m:.4f} ± {s:.4f} | {lr} | {m / best_mean:.3f} | {won} |")
+            lines.append(f"| {k} classes | {shown} | {m:.4f} ± {s:.4f} | {lr} | {m / best_mean:.3f} | {won} | "
+                         f"{val_mean:.4f} |")
         with (out / f"curves_{k}class.csv").open("w", newline="") as f:
             writer = csv.writer(f)
             names = list(r["curves"])
@@ -243,8 +256,8 @@ def main() -> None:
             "config": str(Path(args.config).resolve().relative_to(ROOT)), "family": base,
             "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test,
             "machine": platform.processor() or platform.machine(), "threads": args.threads}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}, indent=1) + "\n")
-    plot(results, list(learned), out / "figure7.png")
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}) + "\n")
+    plot(results, list(learned) if args.plot is None else args.plot, out / "figure7.png")
     print("\n".join(lines))
     print(f"wrote {out}/summary.md, results.json, curves_*class.csv, figure7.png")
 

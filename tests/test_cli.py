@@ -24,8 +24,8 @@ CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
 # and test task, 3 lrs.
 SHRINK = [
     "--trainer.max_steps=3",
-    "--model.horizon=10",
-    "--model.unroll=5",
+    "--model.horizon=4",
+    "--model.unroll=2",
     "--model.truncations_per_epoch=3",
     "--model.num_val_tasks=1",
     "--model.num_test_tasks=1",
