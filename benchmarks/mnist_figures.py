@@ -96,36 +96,56 @@ def load_rules(weights: list[str]) -> tuple[dict[str, UpdateRule], dict[str, str
     return rules, digests
 
 
+def _cached(cache_dir: Path | None, stem: str, ident: Any, compute: Any) -> Any:
+    """``compute()``, stored in ``cache_dir/STEM_HASH.json`` (HASH: of ``ident``) and reused from there."""
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir / f"{stem}_{digest}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    return value
+
+
 def run_problem(problem: Problem, rules: dict[str, UpdateRule], digests: dict[str, str], args: argparse.Namespace,
                 cache_dir: Path | None) -> dict[str, Any]:
-    """Per-seed test curves of every optimizer on ``problem`` (cached on disk by its inputs)."""
-    grid = list(DEFAULT_LR_GRID)
-    ident = json.dumps([problem.key, sorted(digests.items()), args.num_val, args.num_test, grid], sort_keys=True)
-    cache = cache_dir / f"{problem.key}_{hashlib.sha256(ident.encode()).hexdigest()[:10]}.json" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return json.loads(cache.read_text())
+    """Per-seed test curves of every optimizer on ``problem``.
+
+    Cached on disk by their inputs: the tuned baselines per problem, each learned rule per problem and
+    weights digest (adding a rule does not re-run the baselines).
+    """
+    grid = list(args.lr_grid)
     start = time.perf_counter()
     val_gen, test_gen = torch.Generator().manual_seed(VAL_SEED), torch.Generator().manual_seed(TEST_SEED)
     val = [problem.family("val").sample(val_gen) for _ in range(args.num_val)]
     test = [problem.family("test").sample(test_gen) for _ in range(args.num_test)]
     curves: dict[str, list[list[float]]] = {}
     lrs: dict[str, float | None] = {}
-    edge: list[str] = []
     for label, rule in rules.items():
-        curves[label] = [rule_curve(rule, t, problem.horizon).tolist() for t in test]
+        curves[label] = _cached(
+            cache_dir, f"{problem.key}_{label}", [problem.key, digests[label], args.num_test],
+            lambda rule=rule: [rule_curve(rule, t, problem.horizon).tolist() for t in test],
+        )
         lrs[label] = None
-    for name in BASELINE_NAMES:
-        tuned = tune_baseline(name, val, problem.horizon, grid)
-        lrs[name] = tuned.lr
-        if tuned.at_grid_edge:
-            edge.append(name)
-        curves[name] = [baseline_curve(name, tuned.lr, t, problem.horizon).tolist() for t in test]
-    result = {"problem": problem.__dict__, "key": problem.key, "curves": curves, "lrs": lrs, "grid_edge": edge,
-              "learned": list(rules), "seconds": round(time.perf_counter() - start, 1)}
+
+    def baselines() -> dict[str, Any]:
+        out: dict[str, Any] = {"curves": {}, "lrs": {}, "grid_edge": []}
+        for name in BASELINE_NAMES:
+            tuned = tune_baseline(name, val, problem.horizon, grid)
+            out["lrs"][name] = tuned.lr
+            if tuned.at_grid_edge:
+                out["grid_edge"].append(name)
+            out["curves"][name] = [baseline_curve(name, tuned.lr, t, problem.horizon).tolist() for t in test]
+        return out
+
+    base = _cached(cache_dir, f"{problem.key}_baselines", [problem.key, args.num_val, args.num_test, grid], baselines)
+    curves.update(base["curves"])
+    lrs.update(base["lrs"])
+    result = {"problem": problem.__dict__, "key": problem.key, "curves": curves, "lrs": lrs,
+              "grid_edge": base["grid_edge"], "learned": list(rules), "seconds": round(time.perf_counter() - start, 1)}
     print(f"  {problem.key}: {result['seconds']} s", flush=True)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(result))
     return result
 
 
@@ -258,7 +278,7 @@ def plot_fig6(grid: dict[tuple[int, int], dict[str, Any]], learned: list[str], p
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_weights = [w for w in ("mnist", "mnist_mix") if w in available()]
     parser.add_argument("--weights", nargs="+", default=default_weights,
@@ -269,12 +289,14 @@ def main() -> None:
     parser.add_argument("--figures", default="4,5,6", help="comma-separated subset of 4,5,6")
     parser.add_argument("--fig6-widths", default=",".join(map(str, FIG6_WIDTHS)))
     parser.add_argument("--fig6-depths", default=",".join(map(str, FIG6_DEPTHS)))
+    parser.add_argument("--lr-grid", type=lambda v: [float(x) for x in v.split(",") if x], default=list(DEFAULT_LR_GRID),
+                        help="comma-separated learning rates the baselines are tuned over (default: 10^-5 ... 10, 25 values)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "mnist_figures" / "cache"),
                         help="per-problem results are reused from here ('' disables)")
     parser.add_argument("--wandb", default="offline", choices=("offline", "online", "disabled"))
     parser.add_argument("--wandb-dir", default=str(ROOT / "runs" / "mnist_figures"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.weights:
         raise SystemExit("no learned rule to compare: pass --weights NAME_OR_PATH (no `mnist` weights are shipped)")
     assert set(BASELINE_NAMES) <= set(BASELINES)

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_l2l.cli import L2LCLI
 from lightning_l2l.evaluation import tune_baseline
 from lightning_l2l.meta import MetaLearner
+from lightning_l2l.pretrained import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +55,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "mnist.yaml"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: share the machine)")
+    parser.add_argument("--init", default=None,
+                        help="start from this rule (a MetaLearner .ckpt or an exported .safetensors) instead of "
+                             "the config's random initialisation: a second stage of meta-training")
     parser.add_argument("overrides", nargs="*", help="extra `l2l fit` arguments, after `--`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = WallClock()
     cli = L2LCLI(MetaLearner, args=["--config", args.config, *args.overrides], run=False)
     cli.trainer.callbacks.append(clock)
+    if args.init:
+        init, _ = resolve(args.init)
+        cli.model.rule.load_state_dict(init.state_dict())
     start = time.perf_counter()
     cli.trainer.fit(cli.model)
     fit_s = time.perf_counter() - start

