@@ -17,12 +17,30 @@ from torch import Tensor
 from lightning_l2l.nets import KindLayout, UpdateRule, apply_rule
 from lightning_l2l.tasks import Task
 
-__all__ = ["OBJECTIVES", "Trajectory", "UnrollResult", "unroll", "rule_curve"]
+__all__ = ["OBJECTIVES", "STEP_WEIGHTS", "Trajectory", "UnrollResult", "step_weight", "unroll", "rule_curve"]
 
 #: meta-objectives :func:`unroll` can return: the paper's mean loss, or the mean log loss
 OBJECTIVES = ("mean", "log_mean")
+#: schedules of the weights ``w_t`` on the optimizee loss at step ``t`` of a trajectory (eq. 2)
+STEP_WEIGHTS = ("uniform", "linear")
 #: floor under the loss in the ``log_mean`` objective (keeps ``log`` finite at a zero loss)
 LOG_LOSS_FLOOR = 1e-12
+
+
+def step_weight(schedule: str, step: int, horizon: int) -> float:
+    """``w_t`` of eq. 2 for the loss at step ``t = step`` (1 ... ``horizon``) of a trajectory.
+
+    ``"uniform"``: ``w_t = 1`` (the paper). ``"linear"``: ``w_t = 2 t / (horizon + 1)``, which rises from
+    about 0 to about 2 and averages 1 over the horizon: the late losses, where a rule is judged, weigh
+    more, while the early steps still get a meta-gradient (not in the paper).
+    """
+    if schedule == "uniform":
+        return 1.0
+    if schedule == "linear":
+        if not 1 <= step <= horizon:
+            raise ValueError(f"step {step} is outside the horizon 1 ... {horizon}")
+        return 2.0 * step / (horizon + 1)
+    raise ValueError(f"Invalid step weights: {schedule!r} (expected one of {STEP_WEIGHTS})")
 
 
 @dataclass
@@ -59,7 +77,8 @@ class UnrollResult:
     Attributes:
         meta_loss: mean over the unrolled steps of ``f(theta_t) / num_problems`` for the
             ``num_steps`` parameters the rule produced (differentiable when requested); with
-            ``objective="log_mean"`` the mean of ``log(f(theta_t) / num_problems)``.
+            ``objective="log_mean"`` the mean of ``log(f(theta_t) / num_problems)``; each term times
+            ``w_t`` where ``step_weights`` is not uniform.
         curve: ``(num_steps + 1,)`` detached losses per problem, ``f(theta_start) ... f(theta_end)``:
             the step's :meth:`~lightning_l2l.tasks.Task.loss`, or with ``eval_curve=True`` the
             task's :meth:`~lightning_l2l.tasks.Task.eval_loss` where it defines one.
@@ -80,6 +99,8 @@ def unroll(
     second_derivatives: bool = False,
     eval_curve: bool = False,
     objective: str = "mean",
+    step_weights: str = "uniform",
+    horizon: int | None = None,
 ) -> UnrollResult:
     """Advance ``traj`` by ``num_steps`` rule steps (in place) and return the losses.
 
@@ -95,9 +116,15 @@ def unroll(
             ``w_t = 1`` (eq. 2); ``"log_mean"``: the mean of the log loss, which counts halving the
             loss the same wherever it happens, so that the small losses late in a trajectory still
             drive the meta-gradient (not in the paper).
+        step_weights: the ``w_t`` of eq. 2 on each step's term (:func:`step_weight`); ``"linear"``
+            needs ``horizon``, the trajectory's length, since ``t`` counts from its start.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Invalid objective: {objective!r} (expected one of {OBJECTIVES})")
+    if step_weights not in STEP_WEIGHTS:
+        raise ValueError(f"Invalid step_weights: {step_weights!r} (expected one of {STEP_WEIGHTS})")
+    if step_weights != "uniform" and horizon is None:
+        raise ValueError(f"step_weights={step_weights!r} needs the trajectory's horizon (horizon=...)")
     if second_derivatives and not differentiable:
         raise ValueError("second_derivatives=True needs differentiable=True")
     task, scale = traj.task, 1.0 / traj.task.num_problems
@@ -118,6 +145,9 @@ def unroll(
                 term = loss * scale if differentiable else loss.detach() * scale
                 if objective == "log_mean":
                     term = torch.log(term.clamp_min(LOG_LOSS_FLOOR))
+                if step_weights != "uniform":
+                    assert horizon is not None
+                    term = term * step_weight(step_weights, traj.step, horizon)
                 terms.append(term)
             if i == num_steps:
                 break

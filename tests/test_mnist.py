@@ -318,3 +318,11 @@ def test_metalearner_meta_objective() -> None:
     assert MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam).hparams.meta_objective == "mean"
     with pytest.raises(ValueError, match="Invalid meta_objective"):
         MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, meta_objective="log")
+
+
+def test_metalearner_step_weights() -> None:
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    assert MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam).hparams.step_weights == "uniform"  # the paper
+    assert MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, step_weights="linear").hparams.step_weights == "linear"
+    with pytest.raises(ValueError, match="Invalid step_weights"):
+        MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, step_weights="late")

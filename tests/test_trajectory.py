@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, UpdateRule
 from lightning_l2l.tasks import ModuleTask, QuadraticTask, Task
-from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import STEP_WEIGHTS, Trajectory, rule_curve, step_weight, unroll
 
 
 def _sgd_rule(lr: float, construct: str = "exact") -> CoordinatewiseLinear:
@@ -253,3 +253,44 @@ def test_second_derivatives_need_differentiable(
             differentiable=False,
             second_derivatives=True,
         )
+
+
+# ------------------------------------------------------------------------------ step weights w_t
+
+
+def test_step_weight_schedules() -> None:
+    assert STEP_WEIGHTS == ("uniform", "linear")
+    assert all(step_weight("uniform", t, 100) == 1.0 for t in range(1, 101))
+    linear = torch.tensor([step_weight("linear", t, 100) for t in range(1, 101)], dtype=torch.float64)
+    assert linear.mean().item() == pytest.approx(1.0)  # same scale as the paper's w_t = 1
+    assert (linear.diff() > 0).all() and linear[0] < 0.02 and linear[-1] > 1.98
+    with pytest.raises(ValueError, match="outside the horizon"):
+        step_weight("linear", 101, 100)
+    with pytest.raises(ValueError, match="Invalid step weights"):
+        step_weight("exp", 1, 100)
+
+
+def test_unroll_linear_step_weights_use_the_step_within_the_trajectory(quadratic_task) -> None:
+    """Two truncations of 3 steps of a 6-step trajectory weigh the losses at t = 1..3, then t = 4..6."""
+    rule = CoordinatewiseLSTM(hidden_size=4)
+    plain_traj = Trajectory.start(rule, quadratic_task)
+    weighted_traj = Trajectory.start(rule, quadratic_task)
+    for first in (1, 4):
+        plain = unroll(rule, plain_traj, 3)
+        weighted = unroll(rule, weighted_traj, 3, step_weights="linear", horizon=6)
+        assert_close(weighted.curve, plain.curve)
+        w = torch.tensor([2.0 * t / 7 for t in range(first, first + 3)])
+        assert_close(weighted.meta_loss, (plain.curve[1:] * w).mean())
+        logged = unroll(rule, Trajectory.start(rule, quadratic_task), 3, objective="log_mean",
+                        step_weights="linear", horizon=6)
+        assert torch.isfinite(logged.meta_loss)
+    grads = torch.autograd.grad(weighted.meta_loss, list(rule.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_unroll_step_weights_bad_arguments(quadratic_task) -> None:
+    rule = CoordinatewiseLSTM(hidden_size=4)
+    with pytest.raises(ValueError, match="needs the trajectory's horizon"):
+        unroll(rule, Trajectory.start(rule, quadratic_task), 2, step_weights="linear")
+    with pytest.raises(ValueError, match="Invalid step_weights"):
+        unroll(rule, Trajectory.start(rule, quadratic_task), 2, step_weights="late")

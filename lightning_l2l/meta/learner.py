@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric, SumMetric
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.tasks import Task, TaskFamily
-from lightning_l2l.trajectory import OBJECTIVES, Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import OBJECTIVES, STEP_WEIGHTS, Trajectory, rule_curve, unroll
 
 __all__ = ["MetaLearner"]
 
@@ -69,6 +69,9 @@ class MetaLearner(L.LightningModule):
         meta_objective: ``"mean"``: the paper's ``L(phi)``, the mean loss over each truncation;
             ``"log_mean"``: the mean log loss, so that the small losses late in a trajectory weigh
             as much as the large early ones (not in the paper; see :func:`~lightning_l2l.trajectory.unroll`).
+        step_weights: the ``w_t`` of eq. 2: ``"uniform"`` (``w_t = 1``, the paper) or ``"linear"``
+            (``w_t = 2t / (horizon + 1)``: the late steps, where a rule is judged, weigh more; see
+            :func:`~lightning_l2l.trajectory.step_weight`).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class MetaLearner(L.LightningModule):
         lr_grid: list[float] | None = None,
         report_dir: str | None = None,
         meta_objective: str = "mean",
+        step_weights: str = "uniform",
     ) -> None:
         super().__init__()
         if not isinstance(rule, UpdateRule):
@@ -114,6 +118,8 @@ class MetaLearner(L.LightningModule):
             raise ValueError(f"Invalid meta_lr_schedule: {meta_lr_schedule!r} (expected 'constant' or 'cosine')")
         if meta_objective not in OBJECTIVES:
             raise ValueError(f"Invalid meta_objective: {meta_objective!r} (expected one of {OBJECTIVES})")
+        if step_weights not in STEP_WEIGHTS:
+            raise ValueError(f"Invalid step_weights: {step_weights!r} (expected one of {STEP_WEIGHTS})")
         if grad_clip < 0:
             raise ValueError(f"Invalid grad_clip: {grad_clip} (expected >= 0; 0 disables clipping)")
         for name, n in (("truncations_per_epoch", truncations_per_epoch), ("num_val_tasks", num_val_tasks),
@@ -193,7 +199,8 @@ class MetaLearner(L.LightningModule):
         steps = min(self.hparams.unroll, self.hparams.horizon - self._traj.step)
         result = unroll(
             self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives,
-            objective=self.hparams.meta_objective,
+            objective=self.hparams.meta_objective, step_weights=self.hparams.step_weights,
+            horizon=self.hparams.horizon,
         )
         opt = self.optimizers()
         finite = bool(result.finite and torch.isfinite(result.meta_loss))
