@@ -88,6 +88,16 @@ def test_last_ckpt_after_a_validation_that_did_not_improve(tmp_path):
     assert last["global_step"] == cli.trainer.global_step == 8
 
 
+def test_init_weights_from_the_command_line():
+    """A second stage of meta-training starts from earlier weights: `--model.init_weights NAME_OR_PATH`."""
+    from lightning_l2l.pretrained import resolve
+
+    config = ROOT / "configs" / "meta.yaml"
+    cli = L2LCLI(MetaLearner, args=["--config", str(config), "--model.init_weights=quadratic"], run=False)
+    shipped, _ = resolve("quadratic")
+    torch.testing.assert_close(cli.model.rule.state_dict(), shipped.state_dict())
+
+
 def test_wandb_offline_run_holds_logged_metrics(tmp_path):
     config = ROOT / "configs" / "meta.yaml"
     cli = run(["fit", "--config", str(config), *SHRINK, "--trainer.log_every_n_steps=1"])

@@ -210,3 +210,34 @@ def test_resume_continues_the_task_stream(tmp_path):
     for key, value in full.rule.state_dict().items():
         torch.testing.assert_close(resumed.rule.state_dict()[key], value)
     assert resumed.nonfinite_count == 0
+
+
+# ------------------------------------------------------------------------------- init_weights
+
+
+def test_init_weights_start_from_saved_rule(tmp_path) -> None:
+    from lightning_l2l.nets import save_rule
+
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    torch.manual_seed(1)
+    trained = CoordinatewiseLSTM(hidden_size=4)
+    path = save_rule(trained, tmp_path / "stage1")
+    torch.manual_seed(2)
+    model = MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights=str(path))
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(model.rule.state_dict()[name], value, rtol=0, atol=0)
+    assert model.hparams.init_weights == str(path)
+
+
+def test_init_weights_shipped_name_and_errors(tmp_path) -> None:
+    from lightning_l2l.nets import WeightsError
+    from lightning_l2l.pretrained import resolve
+
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    model = MetaLearner(CoordinatewiseLSTM(), fam, init_weights="quadratic")
+    shipped, _ = resolve("quadratic")
+    torch.testing.assert_close(model.rule.out.weight, shipped.out.weight)
+    with pytest.raises(ValueError, match="configure `rule` as the network"):
+        MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights="quadratic")
+    with pytest.raises(WeightsError, match="quadratic"):  # the message lists what is available
+        MetaLearner(CoordinatewiseLSTM(), fam, init_weights="quadratc")

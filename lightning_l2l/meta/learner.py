@@ -26,6 +26,20 @@ _TEST_SEED_OFFSET = 2_000_003
 _RANK_SEED_STRIDE = 7_919
 
 
+def _load_init_weights(rule: UpdateRule, weights: str) -> None:
+    """Copy the weights named by ``weights`` into ``rule`` (same network configuration required)."""
+    from lightning_l2l.pretrained import resolve
+
+    source, _ = resolve(weights)
+    if source.config() != rule.config():
+        raise ValueError(
+            f"init_weights={weights!r} holds a {source.config()} but the rule to meta-train is a {rule.config()}; "
+            "configure `rule` as the network those weights belong to (`l2l export` writes its config beside the "
+            "weights), or leave init_weights unset to start from a random initialisation"
+        )
+    rule.load_state_dict(source.state_dict())
+
+
 class MetaLearner(L.LightningModule):
     """Meta-trains an update rule ``m(.; phi)`` on tasks sampled from a family.
 
@@ -72,6 +86,11 @@ class MetaLearner(L.LightningModule):
         step_weights: the ``w_t`` of eq. 2: ``"uniform"`` (``w_t = 1``, the paper) or ``"linear"``
             (``w_t = 2t / (horizon + 1)``: the late steps, where a rule is judged, weigh more; see
             :func:`~lightning_l2l.trajectory.step_weight`).
+        init_weights: start meta-training from these weights instead of the rule's random
+            initialisation (a later stage of a multi-stage recipe, or fine-tuning a shipped rule): a
+            shipped name, an exported ``.safetensors`` file or a ``MetaLearner`` checkpoint. Their
+            network must have the configuration of ``rule``. Loaded once, when the module is built;
+            resuming from a checkpoint restores the checkpoint's weights as usual.
     """
 
     def __init__(
@@ -95,6 +114,7 @@ class MetaLearner(L.LightningModule):
         report_dir: str | None = None,
         meta_objective: str = "mean",
         step_weights: str = "uniform",
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(rule, UpdateRule):
@@ -137,6 +157,8 @@ class MetaLearner(L.LightningModule):
                 raise TypeError(f"{name} must be a TaskFamily or None, got {type(fam).__name__}")
         self.save_hyperparameters(ignore=["rule", "task_family", "eval_family", "test_family"])
         self.automatic_optimization = False
+        if init_weights is not None:
+            _load_init_weights(rule, init_weights)
         self.rule = rule
         self.task_family = task_family
         self.eval_family = eval_family or task_family
