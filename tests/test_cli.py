@@ -32,6 +32,7 @@ SHRINK = [
     "--model.num_test_tasks=1",
     "--model.lr_grid=[0.001,0.01,0.1]",
     "--trainer.enable_progress_bar=false",
+    "--model.init_weights=null",  # a later stage's config starts from the previous stage's run, absent here
 ]
 
 
@@ -50,7 +51,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(config):
-    cli = L2LCLI(MetaLearner, args=["--config", str(config)], run=False)
+    cli = L2LCLI(MetaLearner, args=["--config", str(config), "--model.init_weights=null"], run=False)
     assert isinstance(cli.model, MetaLearner)
     assert cli.trainer.max_steps > 0
 
@@ -70,7 +71,7 @@ def test_config_runs_shrunk(config, tmp_path, monkeypatch):
 def test_config_last_ckpt_is_the_final_state(config):
     """``last.ckpt`` is where a resume starts: it must hold the last meta-step whether or not the last
     validation improved ``val/final_loss`` (Lightning's ``save_last`` alone re-saves only on improvement)."""
-    cli = L2LCLI(MetaLearner, args=["--config", str(config)], run=False)
+    cli = L2LCLI(MetaLearner, args=["--config", str(config), "--model.init_weights=null"], run=False)
     checkpoints = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     assert checkpoints[0].monitor == "val/final_loss" and checkpoints[0].filename == "best"  # `--ckpt_path best`
     latest = [cb for cb in checkpoints if cb.filename == "last"]
@@ -86,6 +87,20 @@ def test_last_ckpt_after_a_validation_that_did_not_improve(tmp_path):
     assert best["global_step"] < 8, "the run must end on a validation that did not improve"
     last = torch.load(tmp_path / "runs/quadratic/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] == cli.trainer.global_step == 8
+
+
+def test_mnist_stages_chain_best_checkpoints():
+    """Stage N of the `mnist` recipe starts from the best checkpoint that stage N - 1's config writes."""
+    import yaml
+
+    previous = "configs/mnist.yaml"
+    for stage in (2, 3):
+        doc = yaml.safe_load((ROOT / f"configs/mnist_stage{stage}.yaml").read_text())
+        prev_doc = yaml.safe_load((ROOT / previous).read_text())
+        best = next(cb["init_args"] for cb in prev_doc["trainer"]["callbacks"] if cb["init_args"].get("filename") == "best")
+        assert doc["model"]["init_weights"] == f"{best['dirpath']}/best.ckpt"
+        assert doc["model"]["task_family"] == prev_doc["model"]["task_family"]  # same tasks, later stage
+        previous = f"configs/mnist_stage{stage}.yaml"
 
 
 def test_init_weights_from_the_command_line():

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("mnist_figures", ROOT / "benchmarks" / "mnist_figures.py")
+def _load_script(name: str = "mnist_figures"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -65,3 +65,14 @@ def test_mnist_figures_shrunk_writes_table_csv_plots_and_wandb(tmp_path: Path) -
     table = (out / "results.md").read_text()
     assert "Base network, 100 steps (Fig. 4 centre)" in table and "`rule` / best baseline" in table
     assert list((tmp_path / "wandb").rglob("run-*.wandb")), "no offline W&B run file"
+
+
+def test_mnist_select_prints_a_row_per_candidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    select = _load_script("mnist_select")
+    torch.manual_seed(0)
+    rule_path = save_rule(CoordinatewiseLSTM(), tmp_path / "rule")
+    select.main([str(rule_path), "mnist", "--num-tasks", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| nag (lr 1.0)", "| adam (lr 0.0316)", f"| {rule_path}", "| mnist"]
+    values = [float(v) for r in rows[1:] for v in r.strip(" |").split(" | ")[1:]]
+    assert len(values) == 12 and all(0 < v < 2.5 for v in values)
