@@ -103,6 +103,20 @@ def test_mnist_stages_chain_best_checkpoints():
         previous = f"configs/mnist_stage{stage}.yaml"
 
 
+def test_mnist_stages_run_as_a_chain(tmp_path):
+    """Shrunk, the three stage configs run one after another, each from the previous stage's best.ckpt."""
+    from lightning_l2l.pretrained import resolve
+
+    shrink = [a for a in SHRINK if not a.startswith("--model.init_weights")] + ["--trainer.logger=false"]
+    main(["fit", "--config", str(ROOT / "configs/mnist.yaml"), *shrink])
+    for stage, previous in ((2, "runs/mnist"), (3, "runs/mnist_stage2")):
+        start, _ = resolve(str(tmp_path / previous / "checkpoints/best.ckpt"))
+        cli = L2LCLI(MetaLearner, args=["--config", str(ROOT / f"configs/mnist_stage{stage}.yaml"), *shrink], run=False)
+        torch.testing.assert_close(cli.model.rule.state_dict(), start.state_dict())  # starts where the last ended
+        main(["fit", "--config", str(ROOT / f"configs/mnist_stage{stage}.yaml"), *shrink])
+        assert (tmp_path / f"runs/mnist_stage{stage}/checkpoints/best.ckpt").is_file()
+
+
 def test_init_weights_from_the_command_line():
     """A second stage of meta-training starts from earlier weights: `--model.init_weights NAME_OR_PATH`."""
     from lightning_l2l.pretrained import resolve
