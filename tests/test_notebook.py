@@ -34,4 +34,6 @@ def test_quickstart_notebook_executes(tmp_path):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2, "both comparison plots are drawn"
     text = "".join(o.get("text", "") for o in outputs)
     assert "step 100: learned" in text and "step 200: learned" in text and "LearnedOptimizer final MSE" in text
+    if "mnist" in pretrained.available():
+        assert text.count("MNIST step 100:") == 3, "the mnist section compares three optimizers"
     assert text.strip().splitlines()[-1] == sys.prefix, "the kernel runs in this environment"
