@@ -26,7 +26,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning_l2l.cli import L2LCLI
 from lightning_l2l.evaluation import tune_baseline
 from lightning_l2l.meta import MetaLearner
-from lightning_l2l.pretrained import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,17 +55,15 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "mnist.yaml"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: share the machine)")
     parser.add_argument("--init", default=None,
-                        help="start from this rule (a MetaLearner .ckpt or an exported .safetensors) instead of "
-                             "the config's random initialisation: a second stage of meta-training")
+                        help="start from this rule (a MetaLearner .ckpt, an exported .safetensors or a shipped name) "
+                             "instead of the config's: the same as `--model.init_weights`")
     parser.add_argument("overrides", nargs="*", help="extra `l2l fit` arguments, after `--`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = WallClock()
-    cli = L2LCLI(MetaLearner, args=["--config", args.config, *args.overrides], run=False)
+    init = [f"--model.init_weights={args.init}"] if args.init else []
+    cli = L2LCLI(MetaLearner, args=["--config", args.config, *init, *args.overrides], run=False)
     cli.trainer.callbacks.append(clock)
-    if args.init:
-        init, _ = resolve(args.init)
-        cli.model.rule.load_state_dict(init.state_dict())
     start = time.perf_counter()
     cli.trainer.fit(cli.model)
     fit_s = time.perf_counter() - start

@@ -112,9 +112,17 @@ def test_mnist_stages_run_as_a_chain(tmp_path):
     for stage, previous in ((2, "runs/mnist"), (3, "runs/mnist_stage2")):
         start, _ = resolve(str(tmp_path / previous / "checkpoints/best.ckpt"))
         cli = L2LCLI(MetaLearner, args=["--config", str(ROOT / f"configs/mnist_stage{stage}.yaml"), *shrink], run=False)
+        cli.model.load_init_weights()
         torch.testing.assert_close(cli.model.rule.state_dict(), start.state_dict())  # starts where the last ended
         main(["fit", "--config", str(ROOT / f"configs/mnist_stage{stage}.yaml"), *shrink])
         assert (tmp_path / f"runs/mnist_stage{stage}/checkpoints/best.ckpt").is_file()
+    # testing the last stage, and resuming it, need only its own checkpoints: earlier stages may be gone
+    shutil.rmtree(tmp_path / "runs/mnist_stage2")
+    stage3 = str(ROOT / "configs/mnist_stage3.yaml")
+    main(["test", "--config", stage3, *shrink, "--ckpt_path", "best"])
+    last = str(tmp_path / "runs/mnist_stage3/checkpoints/last.ckpt")
+    main(["fit", "--config", stage3, *shrink, "--trainer.max_steps=6", "--ckpt_path", last])
+    assert torch.load(last, weights_only=True)["global_step"] == 6
 
 
 def test_init_weights_from_the_command_line():
@@ -123,6 +131,7 @@ def test_init_weights_from_the_command_line():
 
     config = ROOT / "configs" / "meta.yaml"
     cli = L2LCLI(MetaLearner, args=["--config", str(config), "--model.init_weights=quadratic"], run=False)
+    cli.model.load_init_weights()
     shipped, _ = resolve("quadratic")
     torch.testing.assert_close(cli.model.rule.state_dict(), shipped.state_dict())
 

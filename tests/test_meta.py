@@ -224,6 +224,7 @@ def test_init_weights_start_from_saved_rule(tmp_path) -> None:
     path = save_rule(trained, tmp_path / "stage1")
     torch.manual_seed(2)
     model = MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights=str(path))
+    model.load_init_weights()  # what a fit from scratch does at its start
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(model.rule.state_dict()[name], value, rtol=0, atol=0)
     assert model.hparams.init_weights == str(path)
@@ -235,9 +236,44 @@ def test_init_weights_shipped_name_and_errors(tmp_path) -> None:
 
     fam = QuadraticFamily(dim=3, num_functions=2)
     model = MetaLearner(CoordinatewiseLSTM(), fam, init_weights="quadratic")
+    model.load_init_weights()
     shipped, _ = resolve("quadratic")
     torch.testing.assert_close(model.rule.out.weight, shipped.out.weight)
     with pytest.raises(ValueError, match="configure `rule` as the network"):
-        MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights="quadratic")
+        MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights="quadratic").load_init_weights()
     with pytest.raises(WeightsError, match="quadratic"):  # the message lists what is available
-        MetaLearner(CoordinatewiseLSTM(), fam, init_weights="quadratc")
+        MetaLearner(CoordinatewiseLSTM(), fam, init_weights="quadratc").load_init_weights()
+
+
+def test_init_weights_are_not_read_outside_a_fit_from_scratch(tmp_path) -> None:
+    """Testing, validating or loading a checkpoint needs only the checkpoint: init_weights may be gone."""
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    model = MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights=str(tmp_path / "deleted.ckpt"))
+    before = {k: v.clone() for k, v in model.rule.state_dict().items()}
+    for stage in ("fit", "test", "validate"):
+        model.setup(stage)
+    torch.testing.assert_close(model.rule.state_dict(), before)
+    with pytest.raises(ValueError, match="nothing to load"):
+        MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam).load_init_weights()
+
+
+def test_fit_from_scratch_starts_from_init_weights(tmp_path) -> None:
+    """A real Trainer: the first validation (sanity check) already runs the init weights."""
+    from lightning_l2l.nets import save_rule
+
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    torch.manual_seed(3)
+    start = CoordinatewiseLSTM(hidden_size=4)
+    path = save_rule(start, tmp_path / "start")
+    model = MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights=str(path), horizon=4, unroll=2,
+                        meta_lr=1e-30, truncations_per_epoch=1)
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            seen.update({k: v.clone() for k, v in pl_module.rule.state_dict().items()})
+
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Probe()], num_sanity_val_steps=1)
+    trainer.fit(model)
+    torch.testing.assert_close(seen, start.state_dict(), rtol=0, atol=0)

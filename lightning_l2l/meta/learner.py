@@ -89,8 +89,9 @@ class MetaLearner(L.LightningModule):
         init_weights: start meta-training from these weights instead of the rule's random
             initialisation (a later stage of a multi-stage recipe, or fine-tuning a shipped rule): a
             shipped name, an exported ``.safetensors`` file or a ``MetaLearner`` checkpoint. Their
-            network must have the configuration of ``rule``. Loaded once, when the module is built;
-            resuming from a checkpoint restores the checkpoint's weights as usual.
+            network must have the configuration of ``rule``. Loaded when a fit starts from scratch
+            (``on_fit_start`` without ``ckpt_path``); a resumed fit, ``test``, ``validate`` and
+            ``load_from_checkpoint`` use the checkpoint's weights and never read these.
     """
 
     def __init__(
@@ -157,8 +158,6 @@ class MetaLearner(L.LightningModule):
                 raise TypeError(f"{name} must be a TaskFamily or None, got {type(fam).__name__}")
         self.save_hyperparameters(ignore=["rule", "task_family", "eval_family", "test_family"])
         self.automatic_optimization = False
-        if init_weights is not None:
-            _load_init_weights(rule, init_weights)
         self.rule = rule
         self.task_family = task_family
         self.eval_family = eval_family or task_family
@@ -179,6 +178,18 @@ class MetaLearner(L.LightningModule):
         self.nonfinite_count = 0
 
     # ----------------------------------------------------------------------------------- set-up
+    def on_fit_start(self) -> None:
+        # After a resumed fit has restored its checkpoint (trainer.ckpt_path is set by then) and before
+        # the sanity check: only a fit from scratch starts from init_weights.
+        if self.hparams.init_weights is not None and self.trainer.ckpt_path is None:
+            self.load_init_weights()
+
+    def load_init_weights(self) -> None:
+        """Copy ``init_weights`` into the rule (what a fit from scratch does at its start)."""
+        if self.hparams.init_weights is None:
+            raise ValueError("init_weights is not set: there is nothing to load")
+        _load_init_weights(self.rule, self.hparams.init_weights)
+
     def setup(self, stage: str) -> None:
         seed = int(self.hparams.seed)
         rank = self.trainer.global_rank if self._trainer is not None else 0
