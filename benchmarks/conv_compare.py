@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_l2l.evaluation import baseline_curve, tune_baseline
+from lightning_l2l.evaluation import baseline_curve, digest, json_cached, tune_baseline
 from lightning_l2l.pretrained import available, resolve
 from lightning_l2l.tasks import ConvFamily, Task
 from lightning_l2l.trajectory import rule_curve
@@ -63,21 +63,6 @@ def family_args(config: Path) -> dict[str, Any]:
     """``init_args`` of the config's ``test_family`` (YAML anchors resolved)."""
     model = yaml.safe_load(config.read_text())["model"]
     return dict(model["test_family"]["init_args"])
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def cached(cache: Path | None, key: str, compute):  # noqa: ANN001, ANN202
-    path = cache / f"{key}.json" if cache is not None else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
-    return value
 
 
 def tune(name: str, val: list[Task], horizon: int) -> dict[str, Any]:
@@ -201,7 +186,7 @@ def main() -> None:
                 curves = [baseline_curve(name, tuned["lr"], t, args.horizon).tolist() for t in test]
                 return {**tuned, "curves": curves}
 
-            b = cached(cache, f"baseline_{name}_{digest(ident)}", run_baseline)
+            b = json_cached(cache, f"baseline_{name}_{digest(ident)}", run_baseline)
             r["curves"][name], r["lrs"][name] = b["curves"], b["lr"]
             r["tuning"][name] = {key: v for key, v in b.items() if key != "curves"}
             r["val_finals"][name] = [b["scores"][f"{b['lr']:.6g}"]]  # mean over the validation tasks
@@ -209,11 +194,11 @@ def main() -> None:
         for label, (rule, wd) in rules.items():
             if k not in learned[label]:
                 continue
-            r["curves"][label] = cached(cache, f"rule_{wd}_{digest(ident)}",
+            r["curves"][label] = json_cached(cache, f"rule_{wd}_{digest(ident)}",
                                         lambda rule=rule, test=test: [rule_curve(rule, t, args.horizon).tolist() for t in test])
             r["lrs"][label] = None
             # on the validation tasks too: what choosing among learned rules may look at (never the test)
-            r["val_finals"][label] = cached(cache, f"val_{wd}_{digest(ident)}",
+            r["val_finals"][label] = json_cached(cache, f"val_{wd}_{digest(ident)}",
                                             lambda rule=rule, val=val: [float(rule_curve(rule, t, args.horizon)[-1]) for t in val])
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[k] = r

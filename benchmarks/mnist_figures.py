@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from lightning_l2l.evaluation import BASELINES, DEFAULT_LR_GRID, baseline_curve, tune_baseline
+from lightning_l2l.evaluation import (
+    BASELINES,
+    DEFAULT_LR_GRID,
+    baseline_curve,
+    digest,
+    json_cached,
+    tune_baseline,
+)
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.pretrained import available, resolve
 from lightning_l2l.tasks import MNISTFamily
@@ -96,19 +103,6 @@ def load_rules(weights: list[str]) -> tuple[dict[str, UpdateRule], dict[str, str
     return rules, digests
 
 
-def _cached(cache_dir: Path | None, stem: str, ident: Any, compute: Any) -> Any:
-    """``compute()``, stored in ``cache_dir/STEM_HASH.json`` (HASH: of ``ident``) and reused from there."""
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache_dir / f"{stem}_{digest}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
-    return value
-
-
 def run_problem(problem: Problem, rules: dict[str, UpdateRule], digests: dict[str, str], args: argparse.Namespace,
                 cache_dir: Path | None) -> dict[str, Any]:
     """Per-seed test curves of every optimizer on ``problem``.
@@ -124,8 +118,8 @@ def run_problem(problem: Problem, rules: dict[str, UpdateRule], digests: dict[st
     curves: dict[str, list[list[float]]] = {}
     lrs: dict[str, float | None] = {}
     for label, rule in rules.items():
-        curves[label] = _cached(
-            cache_dir, f"{problem.key}_{label}", [problem.key, digests[label], args.num_test],
+        curves[label] = json_cached(
+            cache_dir, f"{problem.key}_{label}_{digest([problem.key, digests[label], args.num_test])}",
             lambda rule=rule: [rule_curve(rule, t, problem.horizon).tolist() for t in test],
         )
         lrs[label] = None
@@ -140,7 +134,8 @@ def run_problem(problem: Problem, rules: dict[str, UpdateRule], digests: dict[st
             out["curves"][name] = [baseline_curve(name, tuned.lr, t, problem.horizon).tolist() for t in test]
         return out
 
-    base = _cached(cache_dir, f"{problem.key}_baselines", [problem.key, args.num_val, args.num_test, grid], baselines)
+    ident = [problem.key, args.num_val, args.num_test, grid]
+    base = json_cached(cache_dir, f"{problem.key}_baselines_{digest(ident)}", baselines)
     curves.update(base["curves"])
     lrs.update(base["lrs"])
     result = {"problem": problem.__dict__, "key": problem.key, "curves": curves, "lrs": lrs,

@@ -226,3 +226,20 @@ def test_compare_with_given_curves_or_no_rule(tasks: list[QuadraticTask]) -> Non
     assert comp.grid_edge == ["sgd"]  # a one-point grid is always at its edge
     only = compare(None, val, test, 3, baselines=("sgd",), lr_grid=(1e-2,))
     assert list(only.curves) == ["sgd"]
+
+
+def test_json_cached_computes_once_per_key(tmp_path) -> None:
+    from lightning_l2l.evaluation import digest, json_cached
+
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"curve": [2.3, 1.0], "lr": 0.1}
+
+    key = f"curves_{digest({'task': 3, 'lrs': [0.1, 1.0]})}"
+    assert digest({"lrs": [0.1, 1.0], "task": 3}) == digest({"task": 3, "lrs": [0.1, 1.0]}) != digest({"task": 4})
+    assert json_cached(tmp_path, key, compute) == {"curve": [2.3, 1.0], "lr": 0.1}
+    assert json_cached(tmp_path, key, compute) == {"curve": [2.3, 1.0], "lr": 0.1}  # read back from the file
+    assert len(calls) == 1 and (tmp_path / f"{key}.json").is_file()
+    assert json_cached(None, key, compute)["lr"] == 0.1 and len(calls) == 2  # no cache: computed every time

@@ -7,6 +7,7 @@ from lightning_l2l.evaluation.baselines import (
     baseline_curve,
     tune_baseline,
 )
+from lightning_l2l.evaluation.cache import digest, json_cached
 from lightning_l2l.evaluation.comparison import LEARNED, Comparison, compare, mean_curve
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "Comparison",
     "compare",
     "mean_curve",
+    "digest",
+    "json_cached",
 ]

@@ -1,0 +1,34 @@
+"""A JSON file cache for evaluation results keyed by their inputs (benchmarks re-run only what changed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["digest", "json_cached"]
+
+T = TypeVar("T")
+
+
+def digest(obj: Any) -> str:
+    """A short, stable hash of a JSON-serialisable description of some inputs (12 hex digits)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def json_cached(cache_dir: Path | str | None, key: str, compute: Callable[[], T]) -> T:
+    """``compute()``, stored in ``cache_dir/KEY.json`` and read back from there on later calls.
+
+    ``key`` must name everything the value depends on (e.g. ``f"curves_{digest(inputs)}"``); the
+    value must be JSON-serialisable. ``cache_dir=None`` computes every time and stores nothing.
+    """
+    path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    return value
