@@ -145,8 +145,7 @@ def unroll(
                 term = loss * scale if differentiable else loss.detach() * scale
                 if objective == "log_mean":
                     term = torch.log(term.clamp_min(LOG_LOSS_FLOOR))
-                if step_weights != "uniform":
-                    assert horizon is not None
+                if horizon is not None and step_weights != "uniform":  # horizon: checked above
                     term = term * step_weight(step_weights, traj.step, horizon)
                 terms.append(term)
             if i == num_steps:

@@ -26,20 +26,6 @@ _TEST_SEED_OFFSET = 2_000_003
 _RANK_SEED_STRIDE = 7_919
 
 
-def _load_init_weights(rule: UpdateRule, weights: str) -> None:
-    """Copy the weights named by ``weights`` into ``rule`` (same network configuration required)."""
-    from lightning_l2l.pretrained import resolve
-
-    source, _ = resolve(weights)
-    if source.config() != rule.config():
-        raise ValueError(
-            f"init_weights={weights!r} holds a {source.config()} but the rule to meta-train is a {rule.config()}; "
-            "configure `rule` as the network those weights belong to (`l2l export` writes its config beside the "
-            "weights), or leave init_weights unset to start from a random initialisation"
-        )
-    rule.load_state_dict(source.state_dict())
-
-
 class MetaLearner(L.LightningModule):
     """Meta-trains an update rule ``m(.; phi)`` on tasks sampled from a family.
 
@@ -186,9 +172,20 @@ class MetaLearner(L.LightningModule):
 
     def load_init_weights(self) -> None:
         """Copy ``init_weights`` into the rule (what a fit from scratch does at its start)."""
-        if self.hparams.init_weights is None:
+        from lightning_l2l.pretrained import resolve
+
+        weights = self.hparams.init_weights
+        if weights is None:
             raise ValueError("init_weights is not set: there is nothing to load")
-        _load_init_weights(self.rule, self.hparams.init_weights)
+        source, _ = resolve(weights)
+        if source.config() != self.rule.config():
+            raise ValueError(
+                f"init_weights={weights!r} holds a {source.config()} but the rule to meta-train is a "
+                f"{self.rule.config()}; configure `rule` as the network those weights belong to (`l2l export` "
+                "writes its config beside the weights), or leave init_weights unset to start from a random "
+                "initialisation"
+            )
+        self.rule.load_state_dict(source.state_dict())
 
     def setup(self, stage: str) -> None:
         seed = int(self.hparams.seed)
