@@ -1,6 +1,7 @@
 """Optimizee problems: task families sample tasks; a task gives parameters, loss and kinds."""
 
 from lightning_l2l.tasks.base import Task, TaskFamily
+from lightning_l2l.tasks.batched import BatchedTask
 from lightning_l2l.tasks.conv import ConvFamily, ConvTask
 from lightning_l2l.tasks.mnist import MNISTFamily, MNISTMixtureFamily, MNISTTask
 from lightning_l2l.tasks.module import ModuleTask, ModuleTaskFamily
@@ -9,6 +10,7 @@ from lightning_l2l.tasks.quadratic import QuadraticFamily, QuadraticTask
 __all__ = [
     "Task",
     "TaskFamily",
+    "BatchedTask",
     "QuadraticTask",
     "QuadraticFamily",
     "ModuleTask",
