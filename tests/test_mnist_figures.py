@@ -1,4 +1,5 @@
-"""``benchmarks/mnist_figures.py`` shrunk: two learning rates, one validation and two test tasks.
+"""The MNIST benchmark scripts shrunk; ``benchmarks/mnist_figures.py``: two learning rates, one validation
+and two test tasks.
 
 The real run (every problem of Figures 4-6, the full grid, 10 seeds) is the documented command
 ``python benchmarks/mnist_figures.py``; this checks that the same code path writes every output
@@ -76,3 +77,23 @@ def test_mnist_select_prints_a_row_per_candidate(tmp_path: Path, capsys: pytest.
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| nag (lr 1.0)", "| adam (lr 0.0316)", f"| {rule_path}", "| mnist"]
     values = [float(v) for r in rows[1:] for v in r.strip(" |").split(" | ")[1:]]
     assert len(values) == 12 and all(0 < v < 2.5 for v in values)
+
+
+def test_mnist_meta_train_times_the_rule_against_each_tuned_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/mnist_meta_train.py`` shrunk: a real fit of configs/mnist.yaml, then Adam and NAG tuned."""
+    script = _load_script("mnist_meta_train")
+    monkeypatch.chdir(tmp_path)  # the config writes runs/mnist/...
+    shrink = ["--trainer.max_steps=4", "--model.horizon=4", "--model.unroll=2", "--model.truncations_per_epoch=2",
+              "--model.num_val_tasks=1", "--model.lr_grid=[0.01,1.0]", "--model.task_family.init_args.width=4",
+              "--model.eval_family.init_args.width=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+    summary = script.main(["--config", str(ROOT / "configs" / "mnist.yaml"), "--", *shrink])
+    saved = json.loads((tmp_path / "runs" / "mnist" / "meta_train_time.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert [r["meta_step"] for r in saved["validations"]] == [2, 4]
+    for name in ("adam", "nag"):
+        tuned = saved[f"tuned_{name}"]
+        assert tuned["lr"] in (0.01, 1.0) and math.isfinite(tuned["val_final_loss"])
+        beaten = [r for r in saved["validations"] if r["val_final_loss"] < tuned["val_final_loss"]]
+        assert saved[f"first_beats_{name}"] == (beaten[0] if beaten else None)
