@@ -171,3 +171,34 @@ def test_mixed_precision_meta_training_on_gpu(precision):
     trainer.fit(model)
     assert model.nonfinite_count == 0 and torch.isfinite(_flat(model.rule)).all()
 
+
+
+def _benchmark(name: str):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_throughput_benchmark_shrunk_on_cpu(tmp_path, monkeypatch):
+    """``benchmarks/precision_throughput.py`` on the shipped conv config, shrunk: fp32 and bf16-mixed rows."""
+    bench = _benchmark("precision_throughput")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "throughput.json"
+    shrink = ["--model.horizon=4", "--model.unroll=2", "--model.num_val_tasks=1", "--model.num_test_tasks=1"]
+    rows = bench.main(["--accelerator", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out), "--", *shrink])
+    assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
+    for r in rows:
+        assert r["device"] == "cpu" and r["timed_meta_steps"] == 2 and r["unroll"] == 2
+        assert r["rule_weights_finite"] and r["meta_steps_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["coordinate_steps_per_s"] == pytest.approx(r["coordinates"] * 2 * r["meta_steps_per_s"])
+    assert rows[0]["coordinates"] == rows[1]["coordinates"] > 1000  # the conv net's parameters
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    with pytest.raises(SystemExit, match="16-mixed needs a GPU"):
+        bench.main(["--accelerator", "cpu", "--precisions", "16-mixed"])
