@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import platform
@@ -43,8 +42,8 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_l2l.evaluation import baseline_curve, digest, json_cached, tune_baseline
-from lightning_l2l.pretrained import available, resolve
+from lightning_l2l.evaluation import baseline_curve, digest, json_cached, tune_baseline, weights_digest
+from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily, Task
 from lightning_l2l.trajectory import rule_curve
 
@@ -99,11 +98,6 @@ def parse_rule(text: str) -> tuple[str, str, list[int]]:
     weights, _, problems = rest.rpartition(":") if ":" in rest and rest.rsplit(":", 1)[1].replace(",", "").isdigit() \
         else (rest, "", "")
     return label, weights, [int(k) for k in problems.split(",")] if problems else []
-
-
-def weights_digest(weights: str) -> str:
-    path = ROOT / "lightning_l2l" / "pretrained" / f"{weights}.safetensors" if weights in available() else Path(weights)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import time
@@ -44,6 +43,7 @@ from lightning_l2l.evaluation import (
     digest,
     json_cached,
     tune_baseline,
+    weights_digest,
 )
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.pretrained import available, resolve
@@ -87,10 +87,6 @@ FIG6_WIDTHS = (5, 10, 20, 40, 80)
 FIG6_DEPTHS = (1, 2, 3)
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
-
 def load_rules(weights: list[str]) -> tuple[dict[str, UpdateRule], dict[str, str]]:
     """``{label: rule}`` and ``{label: digest of its weights}`` (labels: the shipped name or file stem)."""
     rules, digests = {}, {}
@@ -98,8 +94,7 @@ def load_rules(weights: list[str]) -> tuple[dict[str, UpdateRule], dict[str, str
         rule, meta = resolve(w)
         label = w if w in available() else Path(w).stem
         rules[label] = rule.eval().requires_grad_(False)
-        source = ROOT / "lightning_l2l" / "pretrained" / f"{w}.safetensors" if w in available() else Path(w)
-        digests[label] = file_digest(source)
+        digests[label] = weights_digest(w)
     return rules, digests
 
 

@@ -243,3 +243,21 @@ def test_json_cached_computes_once_per_key(tmp_path) -> None:
     assert json_cached(tmp_path, key, compute) == {"curve": [2.3, 1.0], "lr": 0.1}  # read back from the file
     assert len(calls) == 1 and (tmp_path / f"{key}.json").is_file()
     assert json_cached(None, key, compute)["lr"] == 0.1 and len(calls) == 2  # no cache: computed every time
+
+
+def test_weights_digest_is_the_hash_of_the_weights_file(tmp_path) -> None:
+    import hashlib
+    import shutil
+
+    from lightning_l2l.evaluation import weights_digest
+    from lightning_l2l.pretrained import path
+
+    shipped = path("quadratic")
+    assert weights_digest("quadratic") == hashlib.sha256(shipped.read_bytes()).hexdigest()[:12]
+    copy = tmp_path / "rule.safetensors"
+    shutil.copy(shipped, copy)
+    assert weights_digest(str(copy)) == weights_digest(copy) == weights_digest("quadratic")
+    copy.write_bytes(copy.read_bytes() + b" ")
+    assert weights_digest(copy) != weights_digest("quadratic")
+    with pytest.raises(FileNotFoundError):
+        weights_digest(str(tmp_path / "missing.safetensors"))
