@@ -212,6 +212,25 @@ def test_resume_continues_the_task_stream(tmp_path):
     assert resumed.nonfinite_count == 0
 
 
+def test_resume_with_more_steps_stretches_the_cosine_schedule(tmp_path):
+    """Extending a run (resume with a larger max_steps) anneals over the new length; the rate never rises."""
+    lrs: list[float] = []
+
+    class Rates(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    first = _small(meta_lr=1e-2)
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    trainer.fit(first)
+    ckpt = tmp_path / "four.ckpt"
+    trainer.save_checkpoint(ckpt)
+    with pytest.warns(UserWarning, match="spans 4 meta-steps but this fit runs to max_steps=12"):
+        _trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[Rates()]).fit(_small(meta_lr=1e-2), ckpt_path=ckpt)
+    expected = [5e-4 + (1e-2 - 5e-4) * (1 + math.cos(math.pi * t / 12)) / 2 for t in range(4, 12)]
+    assert lrs == pytest.approx(expected, rel=1e-9)  # the schedule of a 12-step run from step 4 on
+
+
 # ------------------------------------------------------------------------------- init_weights
 
 

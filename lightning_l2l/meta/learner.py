@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
@@ -24,6 +25,8 @@ __all__ = ["MetaLearner"]
 _VAL_SEED_OFFSET = 1_000_003
 _TEST_SEED_OFFSET = 2_000_003
 _RANK_SEED_STRIDE = 7_919
+#: the cosine schedule anneals the meta learning rate to this fraction of ``meta_lr``
+_COSINE_FLOOR = 0.05
 
 
 class MetaLearner(L.LightningModule):
@@ -56,7 +59,8 @@ class MetaLearner(L.LightningModule):
         unroll: steps per truncation (paper: 20); must divide into the horizon at most once per step.
         meta_lr: Adam learning rate on the rule's weights.
         meta_lr_schedule: ``"constant"``, or ``"cosine"``: anneal to ``0.05 * meta_lr`` over the
-            run's ``max_steps`` (steadier early-stopped weights for the same budget).
+            run's ``max_steps`` (steadier early-stopped weights for the same budget). A fit resumed
+            with another ``max_steps`` follows the cosine over the new length (with a warning).
         grad_clip: gradient-norm clip on the meta-gradient (``0`` disables).
         second_derivatives: backpropagate through the optimizee gradients (paper: off).
         truncations_per_epoch: training steps per epoch (sets how often validation runs).
@@ -207,11 +211,37 @@ class MetaLearner(L.LightningModule):
         opt = torch.optim.Adam(self.rule.parameters(), lr=self.hparams.meta_lr)
         if self.hparams.meta_lr_schedule == "constant":
             return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=self._schedule_length(), eta_min=_COSINE_FLOOR * self.hparams.meta_lr
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _schedule_length(self) -> int:
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError("meta_lr_schedule='cosine' needs a finite trainer.max_steps (or max_epochs)")
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.05 * self.hparams.meta_lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return int(total)
+
+    def on_train_start(self) -> None:
+        # A fit resumed with another max_steps (e.g. extending a run) restores the checkpoint's cosine
+        # schedule, whose T_max is the old length: past it, CosineAnnealingLR would raise the rate again.
+        # The schedule follows this fit's length instead, as if it had been configured so from the start.
+        sched = self.lr_schedulers()
+        if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            return
+        total = self._schedule_length()
+        if sched.T_max == total:
+            return
+        step = min(sched.last_epoch, total)
+        rank_zero_warn(
+            f"meta_lr_schedule='cosine': the checkpoint's schedule spans {sched.T_max} meta-steps but this fit "
+            f"runs to max_steps={total}; the rate now follows a cosine over {total} steps (at step {step}).",
+        )
+        sched.T_max = total
+        opt = sched.optimizer
+        for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def train_dataloader(self) -> DataLoader:
         # Tasks are sampled inside the module (a trajectory spans several training steps); the
