@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
@@ -19,7 +18,8 @@ class LSTMLayer(nn.Module):
 
     Same equations as :class:`torch.nn.LSTMCell`, laid out for speed on many tiny rows: the three
     sigmoid gates come from one matmul and the cell input from another, so every activation runs
-    on a contiguous tensor (about 2x faster than ``nn.LSTMCell`` on CPU for 20 units). The forget
+    on a contiguous tensor (about 2x faster than ``nn.LSTMCell`` on CPU for 20 units), and the
+    input and the hidden state are never concatenated. The forget
     gate's bias starts at 1 so that the cell remembers by default.
     """
 
@@ -38,11 +38,31 @@ class LSTMLayer(nn.Module):
             self.bias_ifo[hidden_size : 2 * hidden_size] += 1.0
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        xh = torch.cat((x, h), dim=1)  # (n, input + hidden)
-        i, f, o = torch.sigmoid(F.linear(xh, self.weight_ifo, self.bias_ifo)).chunk(3, dim=1)  # each (n, hidden)
-        g = torch.tanh(F.linear(xh, self.weight_g, self.bias_g))  # (n, hidden)
-        c = torch.addcmul(f * c, i, g)
-        return o * torch.tanh(c), c
+        # [x, h] @ W.T as x @ W_x.T + h @ W_h.T: no (n, input + hidden) concatenation, the costliest
+        # op of the step (about a third faster per layer on CPU). The matmul outputs are fresh
+        # tensors, so the activations run in place (autograd allows it: addmm's backward does not
+        # read its output).
+        n_in = x.shape[1]
+        # nested, not in-place addmm_: under autocast the first product is already in the low dtype
+        gates = torch.addmm(torch.addmm(self.bias_ifo, x, self.weight_ifo[:, :n_in].t()), h,
+                            self.weight_ifo[:, n_in:].t())
+        i, f, o = gates.sigmoid_().chunk(3, dim=1)  # each (n, hidden)
+        g = torch.addmm(torch.addmm(self.bias_g, x, self.weight_g[:, :n_in].t()), h, self.weight_g[:, n_in:].t())
+        c = torch.addcmul(f * c, i, _tanh(g))
+        return o * _tanh(c), c
+
+
+def _tanh(x: Tensor) -> Tensor:
+    """``tanh(x)``; on CPU as ``2 sigmoid(2x) - 1`` (equal to within 2e-7), 2-3x faster there.
+
+    PyTorch's CPU ``tanh`` costs about ten times its ``sigmoid`` per element; the LSTM's two tanh per
+    layer were a third of a rule step. Other devices keep ``torch.tanh``, which is fast there.
+    """
+    if x.device.type != "cpu":
+        return torch.tanh(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.sigmoid(2 * x) * 2 - 1
+    return torch.sigmoid(2 * x).mul_(2).sub_(1)
 
 
 class CoordinatewiseLSTM(UpdateRule):
