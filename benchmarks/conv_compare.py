@@ -42,7 +42,14 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_l2l.evaluation import baseline_curve, digest, json_cached, tune_baseline, weights_digest
+from lightning_l2l.evaluation import (
+    baseline_curve,
+    digest,
+    json_cached,
+    rule_fingerprint,
+    tune_baseline,
+    weights_digest,
+)
 from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily, Task
 from lightning_l2l.trajectory import rule_curve
@@ -162,7 +169,9 @@ def main() -> None:
     for text in args.rule:
         label, weights, problems = parse_rule(text)
         rule, _ = resolve(weights)
-        rules[label] = (rule.eval().requires_grad_(False), weights_digest(weights))
+        rule = rule.eval().requires_grad_(False)
+        # cached curves are keyed by the weights and by what the code computes with them
+        rules[label] = (rule, weights_digest(weights), rule_fingerprint(rule))
         learned[label] = problems or list(args.problems)
     results: dict[int, dict[str, Any]] = {}
     for k in args.problems:
@@ -185,14 +194,14 @@ def main() -> None:
             r["tuning"][name] = {key: v for key, v in b.items() if key != "curves"}
             r["val_finals"][name] = [b["scores"][f"{b['lr']:.6g}"]]  # mean over the validation tasks
             print(f"  {k} classes, {name}: lr {b['lr']:.3g}{' (grid edge!)' if b['at_edge'] else ''}", flush=True)
-        for label, (rule, wd) in rules.items():
+        for label, (rule, wd, fp) in rules.items():
             if k not in learned[label]:
                 continue
-            r["curves"][label] = json_cached(cache, f"rule_{wd}_{digest(ident)}",
+            r["curves"][label] = json_cached(cache, f"rule_{wd}_{fp}_{digest(ident)}",
                                         lambda rule=rule, test=test: [rule_curve(rule, t, args.horizon).tolist() for t in test])
             r["lrs"][label] = None
             # on the validation tasks too: what choosing among learned rules may look at (never the test)
-            r["val_finals"][label] = json_cached(cache, f"val_{wd}_{digest(ident)}",
+            r["val_finals"][label] = json_cached(cache, f"val_{wd}_{fp}_{digest(ident)}",
                                             lambda rule=rule, val=val: [float(rule_curve(rule, t, args.horizon)[-1]) for t in val])
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[k] = r

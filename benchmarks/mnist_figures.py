@@ -42,6 +42,7 @@ from lightning_l2l.evaluation import (
     baseline_curve,
     digest,
     json_cached,
+    rule_fingerprint,
     tune_baseline,
     weights_digest,
 )
@@ -102,8 +103,9 @@ def run_problem(problem: Problem, rules: dict[str, UpdateRule], digests: dict[st
                 cache_dir: Path | None) -> dict[str, Any]:
     """Per-seed test curves of every optimizer on ``problem``.
 
-    Cached on disk by their inputs: the tuned baselines per problem, each learned rule per problem and
-    weights digest (adding a rule does not re-run the baselines).
+    Cached on disk by their inputs: the tuned baselines per problem, each learned rule per problem,
+    weights digest and rule fingerprint (adding a rule does not re-run the baselines; changed code
+    for a rule step re-runs its curves).
     """
     grid = list(args.lr_grid)
     start = time.perf_counter()
@@ -113,8 +115,10 @@ def run_problem(problem: Problem, rules: dict[str, UpdateRule], digests: dict[st
     curves: dict[str, list[list[float]]] = {}
     lrs: dict[str, float | None] = {}
     for label, rule in rules.items():
+        # keyed by the weights and by what the code computes with them (a changed rule step re-runs)
+        ident = [problem.key, digests[label], rule_fingerprint(rule), args.num_test]
         curves[label] = json_cached(
-            cache_dir, f"{problem.key}_{label}_{digest([problem.key, digests[label], args.num_test])}",
+            cache_dir, f"{problem.key}_{label}_{digest(ident)}",
             lambda rule=rule: [rule_curve(rule, t, problem.horizon).tolist() for t in test],
         )
         lrs[label] = None

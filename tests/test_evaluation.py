@@ -261,3 +261,22 @@ def test_weights_digest_is_the_hash_of_the_weights_file(tmp_path) -> None:
     assert weights_digest(copy) != weights_digest("quadratic")
     with pytest.raises(FileNotFoundError):
         weights_digest(str(tmp_path / "missing.safetensors"))
+
+
+def test_rule_fingerprint_follows_what_the_rule_computes() -> None:
+    from lightning_l2l.evaluation import rule_fingerprint
+    from lightning_l2l.nets import PerKindRule
+    from lightning_l2l.pretrained import resolve
+
+    rule, _ = resolve("quadratic")
+    same, _ = resolve("quadratic")
+    assert rule_fingerprint(rule) == rule_fingerprint(same)  # deterministic
+    with torch.no_grad():
+        same.out.bias.add_(1e-6)  # a change far below any printed digit still changes the hash
+    assert rule_fingerprint(same) != rule_fingerprint(rule)
+    scaled, _ = resolve("quadratic")
+    scaled.output_scale *= 1.5  # same weights, other computation: what a code change looks like
+    assert rule_fingerprint(scaled) != rule_fingerprint(rule)
+    two = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)}, default="fc")
+    other = PerKindRule({"conv": two.networks["conv"], "fc": CoordinatewiseLSTM(hidden_size=4)}, default="fc")
+    assert rule_fingerprint(two) != rule_fingerprint(other)  # every kind's network counts

@@ -7,7 +7,7 @@ from lightning_l2l.evaluation.baselines import (
     baseline_curve,
     tune_baseline,
 )
-from lightning_l2l.evaluation.cache import digest, json_cached, weights_digest
+from lightning_l2l.evaluation.cache import digest, json_cached, rule_fingerprint, weights_digest
 from lightning_l2l.evaluation.comparison import LEARNED, Comparison, compare, mean_curve
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "mean_curve",
     "digest",
     "json_cached",
+    "rule_fingerprint",
     "weights_digest",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["digest", "json_cached", "weights_digest"]
+__all__ = ["digest", "json_cached", "rule_fingerprint", "weights_digest"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,31 @@ def weights_digest(weights: str | Path) -> str:
 
     file = path(weights) if isinstance(weights, str) and weights in available() else Path(weights)
     return hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+
+
+def rule_fingerprint(rule: Any, steps: int = 3) -> str:
+    """A short hash (12 hex digits) of what ``rule`` computes: its updates on a fixed probe.
+
+    The probe is a gradient vector of magnitudes from 1e-8 to 10, both signs and zero, run for
+    ``steps`` steps from the initial state, for every kind the rule has networks for. A cache keyed
+    by it (beside the weights' digest) is invalidated by a change of the code that computes a step,
+    not only of the weights. Bit-exact: another machine may give another fingerprint.
+    """
+    import torch
+
+    from lightning_l2l.nets.base import DEFAULT_KIND
+
+    magnitudes = torch.logspace(-8, 1, 19)
+    probe = torch.cat((magnitudes, -magnitudes, torch.zeros(1)))
+    kinds = rule.kinds() or (DEFAULT_KIND,)
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for kind in kinds:
+            state = rule.init_state(probe.numel(), kind)
+            for _ in range(steps):
+                update, state = rule(probe, state, kind)
+                h.update(update.detach().cpu().double().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def json_cached(cache_dir: Path | str | None, key: str, compute: Callable[[], T]) -> T:
