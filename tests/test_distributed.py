@@ -20,6 +20,7 @@ from lightning_l2l import LearnedOptimizerCallback
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import CoordinatewiseLSTM
 from lightning_l2l.tasks import QuadraticFamily
+from tests.benchmark_scripts import load_benchmark
 
 
 def _model(**kwargs) -> MetaLearner:
@@ -173,22 +174,9 @@ def test_mixed_precision_meta_training_on_gpu(precision):
 
 
 
-def _benchmark(name: str):
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_precision_throughput_benchmark_shrunk_on_cpu(tmp_path, monkeypatch):
     """``benchmarks/precision_throughput.py`` on the shipped conv config, shrunk: fp32 and bf16-mixed rows."""
-    bench = _benchmark("precision_throughput")
+    bench = load_benchmark("precision_throughput")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "throughput.json"
     shrink = ["--model.horizon=4", "--model.unroll=2", "--model.num_val_tasks=1", "--model.num_test_tasks=1"]

@@ -12,13 +12,13 @@ import csv
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_l2l.nets import CoordinatewiseLSTM, save_rule
+from tests.benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,17 +27,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_script(name: str = "mnist_figures"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_mnist_figures_shrunk_writes_table_csv_plots_and_wandb(tmp_path: Path) -> None:
-    figures = _load_script()
+    figures = load_benchmark("mnist_figures")
     torch.manual_seed(0)
     rule_path = save_rule(CoordinatewiseLSTM(), tmp_path / "rule")
     out = tmp_path / "out"
@@ -69,7 +60,7 @@ def test_mnist_figures_shrunk_writes_table_csv_plots_and_wandb(tmp_path: Path) -
 
 
 def test_mnist_select_prints_a_row_per_candidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    select = _load_script("mnist_select")
+    select = load_benchmark("mnist_select")
     torch.manual_seed(0)
     rule_path = save_rule(CoordinatewiseLSTM(), tmp_path / "rule")
     select.main([str(rule_path), "mnist", "--num-tasks", "1"])
@@ -83,7 +74,7 @@ def test_mnist_meta_train_times_the_rule_against_each_tuned_baseline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``benchmarks/mnist_meta_train.py`` shrunk: a real fit of configs/mnist.yaml, then Adam and NAG tuned."""
-    script = _load_script("mnist_meta_train")
+    script = load_benchmark("mnist_meta_train")
     monkeypatch.chdir(tmp_path)  # the config writes runs/mnist/...
     shrink = ["--trainer.max_steps=4", "--model.horizon=4", "--model.unroll=2", "--model.truncations_per_epoch=2",
               "--model.num_val_tasks=1", "--model.lr_grid=[0.01,1.0]", "--model.task_family.init_args.width=4",
