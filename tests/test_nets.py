@@ -629,3 +629,17 @@ def test_build_rule_per_kind_without_networks() -> None:
     """A malformed PerKindRule config is a WeightsError like any other bad config."""
     with pytest.raises(WeightsError):
         build_rule({"class_path": "PerKindRule", "init_args": {}})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_lstm_tanh_matches_torch_tanh_in_every_dtype(dtype: torch.dtype) -> None:
+    """The LSTM's CPU tanh (2 sigmoid(2x) - 1 in float32/64) stays accurate near 0 and in 16-bit dtypes."""
+    from lightning_l2l.nets.lstm import _tanh
+
+    x = torch.tensor([0.0, 1e-4, -1e-3, 3e-3, 0.01, -0.5, 2.0, -20.0, 80.0], dtype=dtype)
+    tol = {torch.float32: 3e-7, torch.float64: 1e-15}.get(dtype, 0.0)
+    assert_close(_tanh(x), torch.tanh(x), rtol=0, atol=tol)
+    if dtype in (torch.float32, torch.float64):  # the sigmoid form's gradient is tanh's too
+        y = x.clone().requires_grad_()
+        (gy,) = torch.autograd.grad(_tanh(y).sum(), y)
+        assert_close(gy, 1 - torch.tanh(x) ** 2, rtol=0, atol=1e-6)

@@ -53,12 +53,14 @@ class LSTMLayer(nn.Module):
 
 
 def _tanh(x: Tensor) -> Tensor:
-    """``tanh(x)``; on CPU as ``2 sigmoid(2x) - 1`` (equal to within 2e-7), 2-3x faster there.
+    """``tanh(x)``; on CPU in float32/64 as ``2 sigmoid(2x) - 1`` (equal to within 2e-7), 2-3x faster there.
 
     PyTorch's CPU ``tanh`` costs about ten times its ``sigmoid`` per element; the LSTM's two tanh per
-    layer were a third of a rule step. Other devices keep ``torch.tanh``, which is fast there.
+    layer were a third of a rule step. Other devices keep ``torch.tanh``, which is fast there, and so
+    do 16-bit tensors (under autocast): near 0 the form loses the few bits they have (bfloat16 rounds
+    ``2 sigmoid(2x) - 1`` to 0 for ``|x| < 4e-3``).
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return torch.tanh(x)
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.sigmoid(2 * x) * 2 - 1
