@@ -7,6 +7,7 @@ Each rank writes what it saw to a JSON file; the test reads them back after the 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -190,3 +191,32 @@ def test_precision_throughput_benchmark_shrunk_on_cpu(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
     with pytest.raises(SystemExit, match="16-mixed needs a GPU"):
         bench.main(["--accelerator", "cpu", "--precisions", "16-mixed"])
+
+
+def test_grad_scaler_unscales_before_clipping_and_skips_overflows(tmp_path):
+    """16-mixed's GradScaler (here a float16 one on CPU, as on a GPU): the clip sees unscaled meta-gradients,
+    and an overflowing step is the scaler's to skip (it lowers its scale), not a reason to drop the task."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    norms: list[float] = []
+
+    class Recording(MetaLearner):
+        def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            grads = [p.grad.float().norm() for p in self.rule.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+            return super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    torch.manual_seed(0)
+    model = Recording(
+        rule=CoordinatewiseLSTM(hidden_size=8), task_family=QuadraticFamily(dim=4, num_functions=8),
+        horizon=10, unroll=5, truncations_per_epoch=4, num_val_tasks=1, num_test_tasks=1, meta_lr_schedule="constant",
+    )
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[plugin], max_steps=6, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model)
+    assert model.nonfinite_count == 0 and trainer.global_step == 6
+    finite = [n for n in norms if math.isfinite(n)]
+    assert len(norms) == 6 and len(finite) >= 4
+    assert max(finite) < 1e3, norms  # scaled by 2^16 - 2^15 they would be tens of thousands
+    assert torch.isfinite(_flat(model.rule)).all()

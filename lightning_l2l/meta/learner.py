@@ -283,14 +283,16 @@ class MetaLearner(L.LightningModule):
             return
         opt.zero_grad()
         self.manual_backward(result.meta_loss)
-        grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
-        if not all(torch.isfinite(g).all() for g in grads):
-            opt.zero_grad()
-            self._drop_trajectory()
-            return
-        if self.hparams.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+        # With a GradScaler (precision="16-mixed"), non-finite scaled gradients mean the scale was too
+        # high, not that the trajectory is bad: the scaler skips that step and lowers its scale. In every
+        # other precision a non-finite meta-gradient drops the truncation and its task.
+        if not self._grad_scaler_active():
+            grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+            if not all(torch.isfinite(g).all() for g in grads):
+                opt.zero_grad()
+                self._drop_trajectory()
+                return
+        opt.step()  # clips in on_before_optimizer_step, after a GradScaler has unscaled the gradients
         scheduler = self.lr_schedulers()
         if scheduler is not None:  # manual optimization: Lightning leaves stepping to us
             scheduler.step()
@@ -298,6 +300,15 @@ class MetaLearner(L.LightningModule):
         self.log("train/meta_loss", result.meta_loss.detach(), prog_bar=True)
         self.log("train/optimizee_loss", result.curve[-1])  # at the end of this truncation
         self.log("train/nonfinite_trajectories", float(self.nonfinite_count))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called inside opt.step(), after 16-mixed's GradScaler has unscaled the gradients: clipping
+        # before opt.step() would clip the scaled ones (about 65,536 times too large).
+        if self.hparams.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+
+    def _grad_scaler_active(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def _drop_trajectory(self) -> None:
         self.nonfinite_count += 1
