@@ -9,9 +9,10 @@ it with a real Lightning ``Trainer(precision=...)`` on the chosen accelerator fo
 ``--steps`` meta-steps, validation and checkpoints off. Each precision starts from the same weights
 and the same task stream. Timed: the meta-steps after the warm-up (one meta-step = one truncation of
 ``unroll`` optimizee steps, forward with graph, backward, clip, Adam step), with CUDA synchronised
-around each. Prints a markdown table: meta-steps/s, optimizee steps/s, coordinate-steps/s, peak
-memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, which only grows), and the speed-up
-over the first precision listed.
+around each. Prints a markdown table: meta-steps/s, optimizee steps/s (``unroll`` per meta-step: the
+truncations that end a trajectory early count as full ones), coordinate-steps/s, peak memory during
+that precision's run (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset before each
+run on Linux), and the speed-up over the first precision listed.
 
 Default precisions: ``32-true`` and ``bf16-mixed`` everywhere, plus ``16-mixed`` (Lightning's gradient
 scaling) on a GPU. Task data as in the config (Fashion-MNIST for conv:
@@ -25,6 +26,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,32 +63,50 @@ class StepTimer(Callback):
         self.durations.append(time.perf_counter() - self._start)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: VmHWM (the process's peak resident memory) starts again from the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the CPU figure stays the process's peak so far (see _peak_memory_mb)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the reset. CPU: the process's peak RSS since the reset (on Linux)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the whole run's peak
 
 
 def measure(config: str, precision: str, accelerator: str, steps: int, warmup: int,
             overrides: list[str]) -> dict[str, Any]:
     """Meta-train ``config``'s MetaLearner for ``warmup + steps`` meta-steps under ``precision``; rates."""
-    cli = L2LCLI(MetaLearner, args=["--config", config, *overrides], run=False)
+    # seed 0 unless the config (or an override) sets one: every precision starts from the same weights
+    cli = L2LCLI(MetaLearner, args=["--seed_everything=0", "--config", config, *overrides], run=False)
     model: MetaLearner = cli.model
-    torch.manual_seed(0)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps, limit_val_batches=0,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer], default_root_dir=None,
     )
-    if trainer.strategy.root_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+    _reset_peak_memory(trainer.strategy.root_device)
     trainer.fit(model)
     timed = timer.durations[warmup:]
     if not timed:
         raise SystemExit(f"no timed meta-steps: --steps must be >= 1 (got {steps})")
-    assert model._traj is not None
-    coords = sum(p.numel() for p in model._traj.params.values())
+    task = model.task_family.sample(torch.Generator().manual_seed(0))  # the coordinates of one optimizee
+    coords = sum(p.numel() for p in task.init_params().values()) * model.hparams.tasks_per_step
     per_step = statistics.median(timed)
     unroll = model.hparams.unroll
     return {
@@ -125,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"| {r['precision']} | {r['meta_steps_per_s']:.3g} | {r['optimizee_steps_per_s']:.3g} | "
               f"{r['coordinate_steps_per_s']:.3g} | {r['peak_memory_mb']:.0f} | {speedup:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"argv": argv, "rows": rows}, indent=2) + "\n")
+        used = sys.argv[1:] if argv is None else argv
+        Path(args.json).write_text(json.dumps({"argv": used, "rows": rows}, indent=2) + "\n")
     return rows
 
 

@@ -21,6 +21,7 @@ from lightning_l2l import LearnedOptimizerCallback
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import CoordinatewiseLSTM
 from lightning_l2l.tasks import QuadraticFamily
+from lightning_l2l.tasks.images import FASHION_MNIST_DIR
 from tests.benchmark_scripts import load_benchmark
 
 
@@ -175,13 +176,19 @@ def test_mixed_precision_meta_training_on_gpu(precision):
 
 
 
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="configs/conv.yaml reads the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`")
 def test_precision_throughput_benchmark_shrunk_on_cpu(tmp_path, monkeypatch):
     """``benchmarks/precision_throughput.py`` on the shipped conv config, shrunk: fp32 and bf16-mixed rows."""
     bench = load_benchmark("precision_throughput")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "throughput.json"
     shrink = ["--model.horizon=4", "--model.unroll=2", "--model.num_val_tasks=1", "--model.num_test_tasks=1"]
-    rows = bench.main(["--accelerator", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out), "--", *shrink])
+    threads = torch.get_num_threads()
+    try:  # the config sets torch_num_threads: 1 for the process
+        rows = bench.main(["--accelerator", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out), "--", *shrink])
+    finally:
+        torch.set_num_threads(threads)
     assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
     for r in rows:
         assert r["device"] == "cpu" and r["timed_meta_steps"] == 2 and r["unroll"] == 2
