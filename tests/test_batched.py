@@ -122,6 +122,8 @@ def test_tasks_per_step_one_is_the_plain_task_stream(tmp_path) -> None:
     model = _learner()
     _fit(model, tmp_path, steps=1)
     assert not isinstance(model._traj.task, BatchedTask)
+    first = QuadraticFamily(dim=4, num_functions=8).sample(torch.Generator().manual_seed(0))  # seed 0, rank 0
+    assert torch.equal(model._traj.task.init_params()["theta"], first.init_params()["theta"])
 
 
 def test_tasks_per_step_must_be_positive() -> None:

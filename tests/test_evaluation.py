@@ -280,3 +280,5 @@ def test_rule_fingerprint_follows_what_the_rule_computes() -> None:
     two = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)}, default="fc")
     other = PerKindRule({"conv": two.networks["conv"], "fc": CoordinatewiseLSTM(hidden_size=4)}, default="fc")
     assert rule_fingerprint(two) != rule_fingerprint(other)  # every kind's network counts
+    conv_default = PerKindRule(dict(two.networks), default="conv")  # same networks, others routed to conv
+    assert rule_fingerprint(conv_default) != rule_fingerprint(two)

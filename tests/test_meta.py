@@ -213,7 +213,9 @@ def test_resume_continues_the_task_stream(tmp_path):
 
 
 def test_resume_with_more_steps_stretches_the_cosine_schedule(tmp_path):
-    """Extending a run (resume with a larger max_steps) anneals over the new length; the rate never rises."""
+    """Extending a run (resume with a larger max_steps) follows the cosine of the new length from the resumed
+    step: the rate jumps up once, to where a 12-step schedule is at step 4, then decays (it would otherwise
+    restart from the old schedule's floor and rise again past its end)."""
     lrs: list[float] = []
 
     class Rates(L.Callback):

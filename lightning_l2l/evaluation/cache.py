@@ -26,7 +26,7 @@ def weights_digest(weights: str | Path) -> str:
     """
     from lightning_l2l.pretrained import available, path
 
-    file = path(weights) if isinstance(weights, str) and weights in available() else Path(weights)
+    file = path(weights) if isinstance(weights, str) and weights in available() else Path(weights).expanduser()
     return hashlib.sha256(file.read_bytes()).hexdigest()[:12]
 
 
@@ -34,7 +34,8 @@ def rule_fingerprint(rule: Any, steps: int = 3) -> str:
     """A short hash (12 hex digits) of what ``rule`` computes: its updates on a fixed probe.
 
     The probe is a gradient vector of magnitudes from 1e-8 to 10, both signs and zero, run for
-    ``steps`` steps from the initial state, for every kind the rule has networks for. A cache keyed
+    ``steps`` steps from the initial state, for every kind the rule has networks for, and the rule's
+    configuration (which network serves the other kinds). A cache keyed
     by it (beside the weights' digest) is invalidated by a change of the code that computes a step,
     not only of the weights. Bit-exact: another machine may give another fingerprint.
     """
@@ -45,7 +46,7 @@ def rule_fingerprint(rule: Any, steps: int = 3) -> str:
     magnitudes = torch.logspace(-8, 1, 19)
     probe = torch.cat((magnitudes, -magnitudes, torch.zeros(1)))
     kinds = rule.kinds() or (DEFAULT_KIND,)
-    h = hashlib.sha256()
+    h = hashlib.sha256(json.dumps(rule.config(), sort_keys=True, default=str).encode())  # e.g. a default kind
     with torch.no_grad():
         for kind in kinds:
             state = rule.init_state(probe.numel(), kind)
