@@ -34,14 +34,15 @@ class BatchedTask(Task):
             raise ValueError("BatchedTask needs at least one task")
         self.tasks = list(tasks)
         self.num_problems = sum(t.num_problems for t in self.tasks)
+        # (own name, batched name) of every member's parameters, fixed once: no string matching per step
+        self._names = [[(n, self._name(i, n)) for n in t.init_params()] for i, t in enumerate(self.tasks)]
 
     @staticmethod
     def _name(i: int, name: str) -> str:
         return f"{i}{SEPARATOR}{name}"
 
     def _member_params(self, params: dict[str, Tensor], i: int) -> dict[str, Tensor]:
-        prefix = f"{i}{SEPARATOR}"
-        return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+        return {own: params[batched] for own, batched in self._names[i]}
 
     def init_params(self) -> dict[str, Tensor]:
         return {self._name(i, n): p for i, t in enumerate(self.tasks) for n, p in t.init_params().items()}
@@ -55,10 +56,13 @@ class BatchedTask(Task):
 
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor | None:
         """The members' summed ``eval_loss``; ``None`` unless every member defines one."""
-        losses = [t.eval_loss(self._member_params(params, i)) for i, t in enumerate(self.tasks)]
-        if any(v is None for v in losses):
-            return None
-        return torch.stack([v for v in losses if v is not None]).sum()
+        losses = []
+        for i, t in enumerate(self.tasks):
+            value = t.eval_loss(self._member_params(params, i))
+            if value is None:
+                return None
+            losses.append(value)
+        return torch.stack(losses).sum()
 
     def to(self, device: torch.device | str) -> BatchedTask:
         self.tasks = [t.to(device) for t in self.tasks]
