@@ -1,11 +1,11 @@
-"""The shipped ``conv`` weights against the numbers published for them (slow: ``make test-slow``, ~2 min on 1 core).
+"""The shipped ``conv`` weights against the numbers published for them (slow: ``make test-slow``, ~4 min on 1 core).
 
-Protocol of ``benchmarks/conv_compare.py`` (docs/results/conv/summary.md): the tasks of
-configs/conv.yaml's ``test_family`` with labels 0-9 (Fashion-MNIST test pool), the first 6 tasks of
-``MetaLearner``'s test seed stream, the loss on 500 fixed images of the pool at step 100. The
-issue's bar (beat the best tuned baseline on the 10-, 5- and 2-class problems) is NOT met by these
-weights (docs/results/conv); these tests pin what is claimed: the published learned numbers
-reproduce, the rule is the two-LSTM of section 3.3, and it does beat tuned SGD on 10 classes.
+Protocol of ``benchmarks/conv_compare.py --num-val 4 --num-test 8`` (docs/results/conv/summary.md):
+the tasks of configs/conv.yaml's ``test_family`` (Fashion-MNIST test pool) with the labels of each
+problem, the first 8 tasks of ``MetaLearner``'s test seed stream, the loss on 500 fixed images of
+the pool at step 100. The baselines run at the learning rates tuned on the validation tasks. The
+issue's bar is beating the best tuned baseline on the 10-, 5- and 2-class problems: these weights
+meet it on 5 and 2 classes, NOT on 10 (docs/results/conv); the tests pin exactly that.
 """
 
 from __future__ import annotations
@@ -27,29 +27,44 @@ pytestmark = [
                        reason="needs `apt-get install dataset-fashion-mnist`"),
 ]
 
-TEST_SEED, NUM_TEST = 2_000_003, 6
-#: docs/results/conv/summary.md, 10 classes: shipped conv 0.4282, tuned SGD (lr 0.316) 0.4432
-PUBLISHED_CONV, PUBLISHED_SGD, SGD_LR = 0.4282, 0.4432, 0.31622776601683794
+TEST_SEED, NUM_TEST = 2_000_003, 8
+#: docs/results/conv/summary.md: classes -> (labels, published `conv` mean, best tuned baseline, its lr, its mean)
+PUBLISHED = {
+    10: (list(range(10)), 0.3939, "nag", 10**-0.75, 0.3784),
+    5: ([0, 1, 2, 3, 4], 0.2140, "rmsprop", 10**-2.25, 0.2290),
+    2: ([2, 4], 0.0271, "nag", 10**-1.25, 0.0580),
+}
 
 
-def _test_tasks() -> list:
-    family = ConvFamily(split="test", channels=[8, 8, 8], kernel_size=3, eval_size=500)
+def _mean_final(run, tasks: list) -> float:
+    return sum(float(run(t)[-1]) for t in tasks) / len(tasks)
+
+
+def _test_tasks(classes: list[int]) -> list:
+    family = ConvFamily(classes=classes, split="test", channels=[8, 8, 8], kernel_size=3, eval_size=500)
     gen = torch.Generator().manual_seed(TEST_SEED)
     return [family.sample(gen) for _ in range(NUM_TEST)]
 
 
-def test_shipped_conv_is_the_two_lstm_rule():
+def test_shipped_conv_is_the_two_lstm_rule_of_configs_conv_yaml():
     rule, meta = resolve("conv")
     assert isinstance(rule, PerKindRule) and set(rule.kinds()) == {"conv", "fc"} and rule.default == "fc"
-    assert meta["meta_hparams"]["unroll"] == 50 and "configs/conv.yaml" in meta["command"]
+    hp = meta["meta_hparams"]
+    assert (hp["unroll"], hp["num_val_tasks"], hp["truncations_per_epoch"]) == (50, 4, 60)
+    assert "configs/conv.yaml" in meta["command"]
 
 
-def test_shipped_conv_reproduces_its_published_number_and_beats_tuned_sgd():
+@pytest.mark.parametrize("classes", [10, 5, 2])
+def test_shipped_conv_reproduces_its_published_numbers(classes):
+    labels, published, baseline, lr, published_baseline = PUBLISHED[classes]
     rule, _ = resolve("conv")
     rule.requires_grad_(False)
-    tasks = _test_tasks()
-    learned = sum(float(rule_curve(rule, t, 100)[-1]) for t in tasks) / NUM_TEST
-    sgd = sum(float(baseline_curve("sgd", SGD_LR, t, 100)[-1]) for t in tasks) / NUM_TEST
-    assert learned == pytest.approx(PUBLISHED_CONV, rel=0.02)
-    assert sgd == pytest.approx(PUBLISHED_SGD, rel=0.02)
-    assert learned < sgd
+    tasks = _test_tasks(labels)
+    learned = _mean_final(lambda t: rule_curve(rule, t, 100), tasks)
+    tuned = _mean_final(lambda t: baseline_curve(baseline, lr, t, 100), tasks)
+    assert learned == pytest.approx(published, rel=0.03)
+    assert tuned == pytest.approx(published_baseline, rel=0.02)
+    if classes in (5, 2):  # the bar, met on these two problems
+        assert learned < tuned
+    else:  # not met on 10 classes (1.04x); what is claimed is "within 5%"
+        assert learned < 1.05 * tuned
