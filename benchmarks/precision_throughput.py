@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _memory import peak_bytes, reset_peak  # benchmarks/_memory.py
 from lightning.pytorch.callbacks import Callback
 
 from lightning_l2l.cli import L2LCLI
@@ -63,31 +63,6 @@ class StepTimer(Callback):
         self.durations.append(time.perf_counter() - self._start)
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux >= 4.0: VmHWM (the process's peak resident memory) starts again from the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # elsewhere the CPU figure stays the process's peak so far (see _peak_memory_mb)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the reset. CPU: the process's peak RSS since the reset (on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the whole run's peak
-
-
 def measure(config: str, precision: str, accelerator: str, steps: int, warmup: int,
             overrides: list[str]) -> dict[str, Any]:
     """Meta-train ``config``'s MetaLearner for ``warmup + steps`` meta-steps under ``precision``; rates."""
@@ -100,7 +75,7 @@ def measure(config: str, precision: str, accelerator: str, steps: int, warmup: i
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer], default_root_dir=None,
     )
-    _reset_peak_memory(trainer.strategy.root_device)
+    reset_peak(trainer.strategy.root_device)
     trainer.fit(model)
     timed = timer.durations[warmup:]
     if not timed:
@@ -113,7 +88,7 @@ def measure(config: str, precision: str, accelerator: str, steps: int, warmup: i
         "precision": precision, "device": str(trainer.strategy.root_device), "timed_meta_steps": len(timed),
         "median_s_per_meta_step": per_step, "meta_steps_per_s": 1 / per_step,
         "optimizee_steps_per_s": unroll / per_step, "coordinate_steps_per_s": coords * unroll / per_step,
-        "coordinates": coords, "unroll": unroll, "peak_memory_mb": _peak_memory_mb(trainer.strategy.root_device),
+        "coordinates": coords, "unroll": unroll, "peak_memory_mb": peak_bytes(trainer.strategy.root_device) / 2**20,
         "rule_weights_finite": all(bool(torch.isfinite(p).all()) for p in model.rule.parameters()),
     }
 

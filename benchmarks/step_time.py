@@ -32,23 +32,10 @@ import time
 from typing import Any
 
 import torch
+from _memory import current_bytes, peak_bytes, reset_peak  # benchmarks/_memory.py
 from torch import nn
 
 # --------------------------------------------------------------------------------------- worker
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Make VmHWM (peak resident memory) start again from the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def mlp(num_params: int) -> nn.Module:
@@ -80,12 +67,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     opt = _make_optimizer(cfg["optimizer"], model, cfg["weights"], cfg["chunk_size"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _status_bytes("VmRSS")
+    reset_peak(device)
+    base = current_bytes(device)
     times = []
     for i in range(cfg["warmup"] + cfg["steps"]):
         sync()
@@ -94,7 +77,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         sync()
         if i >= cfg["warmup"]:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")) - base
+    peak = peak_bytes(device) - base
     return {**cfg, "params": n, "step_s": sorted(times)[len(times) // 2], "peak_bytes": max(peak, 0)}
 
 

@@ -11,7 +11,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/NAME.py`` as the module ``NAME`` (registered in ``sys.modules``: dataclasses need it)."""
+    """``benchmarks/NAME.py`` as the module ``NAME`` (registered in ``sys.modules``: dataclasses need it).
+
+    ``benchmarks/`` goes on ``sys.path``, as when the script runs, for the helpers it shares (``_memory``).
+    """
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
