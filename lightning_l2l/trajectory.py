@@ -9,6 +9,7 @@ are treated as inputs (``d grad_t / d phi = 0``, section 2) unless ``second_deri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,7 @@ def unroll(
     objective: str = "mean",
     step_weights: str = "uniform",
     horizon: int | None = None,
+    lr: float = 1.0,
 ) -> UnrollResult:
     """Advance ``traj`` by ``num_steps`` rule steps (in place) and return the losses.
 
@@ -118,6 +120,8 @@ def unroll(
             drive the meta-gradient (not in the paper).
         step_weights: the ``w_t`` of eq. 2 on each step's term (:func:`step_weight`); ``"linear"``
             needs ``horizon``, the trajectory's length, since ``t`` counts from its start.
+        lr: multiplier of the rule's updates, ``theta_{t+1} = theta_t + lr * g_t`` (what
+            :class:`~lightning_l2l.LearnedOptimizer`'s ``lr`` does; 1: the rule as meta-trained).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Invalid objective: {objective!r} (expected one of {OBJECTIVES})")
@@ -127,6 +131,8 @@ def unroll(
         raise ValueError(f"step_weights={step_weights!r} needs the trajectory's horizon (horizon=...)")
     if second_derivatives and not differentiable:
         raise ValueError("second_derivatives=True needs differentiable=True")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"Invalid lr: {lr} (a multiplier of the rule's updates, expected a finite value >= 0)")
     task, scale = traj.task, 1.0 / traj.task.num_problems
     terms: list[Tensor] = []
     curve: list[Tensor] = []
@@ -158,10 +164,14 @@ def unroll(
             }
             if differentiable:
                 updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
+                if lr != 1.0:
+                    updates = {n: u * lr for n, u in updates.items()}
                 traj.params = {n: params[n] + updates[n] for n in params}
             else:
                 with torch.no_grad():
                     updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
+                    if lr != 1.0:
+                        updates = {n: u * lr for n, u in updates.items()}
                     traj.params = {n: params[n].detach() + updates[n] for n in params}
             traj.step += 1
     curve_t = torch.stack(curve)
@@ -170,13 +180,13 @@ def unroll(
 
 
 def rule_curve(
-    rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None
+    rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None, lr: float = 1.0
 ) -> Tensor:
     """Loss per problem along ``num_steps`` steps of the frozen ``rule`` from ``theta_0``: ``(num_steps + 1,)``.
 
     Records the task's ``eval_loss`` (e.g. the full-data loss) where it defines one, else the
-    step's loss.
+    step's loss. ``lr`` multiplies the rule's updates (``LearnedOptimizer(lr=...)``).
     """
     with torch.inference_mode(False):
         traj = Trajectory.start(rule, task, device)
-        return unroll(rule, traj, num_steps, differentiable=False, eval_curve=True).curve
+        return unroll(rule, traj, num_steps, differentiable=False, eval_curve=True, lr=lr).curve

@@ -103,6 +103,20 @@ def test_rule_curve_matches_unroll(lstm_rule: CoordinatewiseLSTM, quadratic_task
     assert all(p.grad is None for p in lstm_rule.parameters())
 
 
+def test_lr_multiplies_the_rules_updates(quadratic_task64: QuadraticTask) -> None:
+    """``lr`` scales every update, as LearnedOptimizer(lr=...) does: a -0.1*g rule at lr 0.5 is SGD(0.05)."""
+    curve = rule_curve(_sgd_rule(0.1), quadratic_task64, 6, lr=0.5)
+    assert_close(curve, rule_curve(_sgd_rule(0.05), quadratic_task64, 6), rtol=1e-12, atol=1e-12)
+    frozen = rule_curve(_sgd_rule(0.1), quadratic_task64, 3, lr=0.0)
+    assert_close(frozen, frozen[:1].expand(4))  # no update at all: the loss of theta_0 throughout
+    traj = Trajectory.start(_sgd_rule(0.1), quadratic_task64)
+    differentiable = unroll(_sgd_rule(0.1), traj, 6, lr=0.5).curve
+    assert_close(differentiable, curve, rtol=1e-12, atol=1e-12)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Invalid lr"):
+            rule_curve(_sgd_rule(0.1), quadratic_task64, 2, lr=bad)
+
+
 # -------------------------------------------------------------------------------------- SGD parity
 
 
