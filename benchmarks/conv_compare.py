@@ -21,6 +21,12 @@ then refined to a quarter decade; then every optimizer runs on the same ``--num-
 seed per task: network initialisation and minibatch sequence). Losses are the tasks'
 ``eval_loss`` (the loss on 500 fixed images of the task's pool) at every step.
 
+A learned rule runs as meta-trained (update multiplier 1, the paper's protocol). With ``--tune-rule-lr``
+(all rules, or the labels given) it also runs at an update multiplier, ``LearnedOptimizer(lr=...)``,
+tuned on the same validation tasks by the same procedure and resolution as the baselines' rates
+(quarter decades around 1, widened while the best is at an edge): rows ``LABEL (lr tuned)``, whose
+``lr`` column is that multiplier. The baselines get one tuned number each; so does the rule there.
+
 Writes into ``--out``: ``summary.md`` (table: mean ± s.e.m. over test tasks at the horizon, ratio to
 the best tuned baseline, test tasks won), ``results.json`` (everything, incl. per-task curves),
 ``curves_<k>class.csv`` (mean curves) and ``figure7.png`` (one panel per problem, log scale).
@@ -61,6 +67,8 @@ LABELS = {"sgd": "SGD", "nag": "NAG", "rmsprop": "RMSprop", "adam": "ADAM"}
 VAL_SEED, TEST_SEED = 1_000_003, 2_000_003
 #: labels of the 10-, 5- and 2-class problems (LSTM-sub, configs/conv_sub.yaml, meta-trains on 5-9)
 PROBLEMS = {10: list(range(10)), 5: [0, 1, 2, 3, 4], 2: [2, 4]}
+#: suffix of the rows of a learned rule run at a learning-rate multiplier tuned like the baselines' rates
+TUNED = " (lr tuned)"
 # first guesses of each baseline's half-decade grid (exponents of 10), widened while the best is at an edge
 START_GRID = {"sgd": (-1.5, 0.0), "nag": (-2.0, -0.5), "rmsprop": (-3.0, -1.5), "adam": (-2.5, -1.0)}
 
@@ -100,11 +108,48 @@ def tune(name: str, val: list[Task], horizon: int) -> dict[str, Any]:
             "at_edge": best in (min(scores), max(scores))}
 
 
+def tune_rule_lr(rule: Any, val: list[Task], horizon: int) -> dict[str, Any]:
+    """A learned rule's update multiplier (``LearnedOptimizer(lr=...)``) tuned as the baselines' rates are.
+
+    The same procedure and resolution as :func:`tune`: quarter decades around 1 (0.32 ... 3.2), widened
+    while the best is at an edge, by the mean loss at the horizon on the validation tasks.
+    """
+    scores: dict[float, float] = {}
+
+    def score(e: float) -> float:
+        e = round(e, 2)
+        if e not in scores:
+            finals = [float(rule_curve(rule, t, horizon, lr=10**e)[-1]) for t in val]
+            mean = sum(finals) / len(finals)
+            scores[e] = mean if math.isfinite(mean) else math.inf
+        return scores[e]
+
+    for e in (-0.5, -0.25, 0.0, 0.25, 0.5):
+        score(e)
+    for _ in range(4):  # widen
+        best = min(scores, key=scores.get)
+        if best == min(scores):
+            score(best - 0.25)
+        elif best == max(scores):
+            score(best + 0.25)
+        else:
+            break
+    best = min(scores, key=scores.get)
+    return {"lr": 10**best, "scores": {f"{10**e:.6g}": s for e, s in sorted(scores.items())},
+            "at_edge": best in (min(scores), max(scores))}
+
+
 def parse_rule(text: str) -> tuple[str, str, list[int]]:
     label, _, rest = text.partition("=")
     weights, _, problems = rest.rpartition(":") if ":" in rest and rest.rsplit(":", 1)[1].replace(",", "").isdigit() \
         else (rest, "", "")
     return label, weights, [int(k) for k in problems.split(",")] if problems else []
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it, else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:
@@ -158,8 +203,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "conv"))
     parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_compare_cache"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tune-rule-lr", nargs="*", default=None, metavar="LABEL",
+                        help="also run these learned rules (all when no label is given) at an update multiplier "
+                             "tuned on the validation tasks as the baselines' rates are")
     parser.add_argument("--plot", nargs="*", default=None, help="labels of the rules to plot (default: all)")
     args = parser.parse_args()
+    labels = [parse_rule(text)[0] for text in args.rule]
+    unknown = sorted(set(args.tune_rule_lr or ()) - set(labels))
+    if unknown:
+        parser.error(f"--tune-rule-lr names {unknown}, which are not labels of any --rule (labels: {labels})")
     torch.set_num_threads(args.threads)
     out, cache = Path(args.out), Path(args.cache) if args.cache else None
     out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +255,18 @@ def main() -> None:
             # on the validation tasks too: what choosing among learned rules may look at (never the test)
             r["val_finals"][label] = json_cached(cache, f"val_{wd}_{fp}_{digest(ident)}",
                                             lambda rule=rule, val=val: [float(rule_curve(rule, t, args.horizon)[-1]) for t in val])
+            if args.tune_rule_lr is not None and (not args.tune_rule_lr or label in args.tune_rule_lr):
+                def run_tuned(rule: Any = rule, val: list[Task] = val, test: list[Task] = test) -> dict[str, Any]:
+                    tuned = tune_rule_lr(rule, val, args.horizon)
+                    curves = [rule_curve(rule, t, args.horizon, lr=tuned["lr"]).tolist() for t in test]
+                    return {**tuned, "curves": curves}
+
+                t = json_cached(cache, f"rule_tuned_{wd}_{fp}_{digest(ident)}", run_tuned)
+                r["curves"][label + TUNED], r["lrs"][label + TUNED] = t["curves"], t["lr"]
+                r["tuning"][label + TUNED] = {key: v for key, v in t.items() if key != "curves"}
+                r["val_finals"][label + TUNED] = [t["scores"][f"{t['lr']:.6g}"]]
+                print(f"  {k} classes, {label}: lr multiplier {t['lr']:.3g}{' (grid edge!)' if t['at_edge'] else ''}",
+                      flush=True)
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[k] = r
         print(f"{k} classes done in {r['seconds']} s", flush=True)
@@ -216,7 +280,8 @@ def main() -> None:
         finals = {name: [c[-1] for c in curves] for name, curves in r["curves"].items()}
         best = min(BASELINES, key=lambda b: mean_sem(finals[b])[0])
         best_mean = mean_sem(finals[best])[0]
-        order = [n for n in learned if n in finals] + sorted(BASELINES, key=lambda b: mean_sem(finals[b])[0])
+        order = [n for label in learned for n in (label, label + TUNED) if n in finals]
+        order += sorted(BASELINES, key=lambda b: mean_sem(finals[b])[0])
         for name in order:
             m, s = mean_sem(finals[name])
             wins = sum(a < b for a, b in zip(finals[name], finals[best], strict=True))
@@ -227,8 +292,8 @@ def main() -> None:
                    "tasks_below_best_baseline": wins, "num_test_tasks": len(finals[name])}
             rows.append(row)
             lr = "-" if r["lrs"][name] is None else f"{r['lrs'][name]:.3g}"
-            shown = name if name in learned else LABELS[name] + (" (best)" if name == best else "")
-            won = f"{wins}/{len(finals[name])}" if name in learned else "-"
+            shown = LABELS[name] + (" (best)" if name == best else "") if name in BASELINES else name
+            won = "-" if name in BASELINES else f"{wins}/{len(finals[name])}"
             lines.append(f"| {k} classes | {shown} | {m:.4f} ± {s:.4f} | {lr} | {m / best_mean:.3f} | {won} | "
                          f"{val_mean:.4f} |")
         with (out / f"curves_{k}class.csv").open("w", newline="") as f:
@@ -241,11 +306,12 @@ def main() -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     meta = {"rules": {label: {"weights": text.partition("=")[2], "digest": rules[label][1]}
                       for label, text in zip(rules, args.rule, strict=True)},
-            "config": str(Path(args.config).resolve().relative_to(ROOT)), "family": base,
+            "config": _shown(Path(args.config)), "family": base,
             "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test,
             "machine": platform.processor() or platform.machine(), "threads": args.threads}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}) + "\n")
-    plot(results, list(learned) if args.plot is None else args.plot, out / "figure7.png")
+    plotted = [n for label in learned for n in (label, label + TUNED) if any(n in r["curves"] for r in results.values())]
+    plot(results, plotted if args.plot is None else args.plot, out / "figure7.png")
     print("\n".join(lines))
     print(f"wrote {out}/summary.md, results.json, curves_*class.csv, figure7.png")
 

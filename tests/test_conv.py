@@ -8,6 +8,7 @@ Everything here runs on tiny synthetic files written in the real on-disk formats
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 
 import numpy as np
@@ -298,3 +299,68 @@ def test_learned_optimizer_with_routed_groups_matches_meta_training(fashion_dir)
         opt.step()
     for name, p in model.named_parameters():
         assert_close(p.detach(), traj.params[name], msg=name)
+
+
+# ----------------------------------------------------------- benchmarks/conv_compare.py: the rule's lr
+
+
+def test_tune_rule_lr_scores_the_rule_as_sgd_scores_the_same_rates(generator):
+    """A -0.01*g rule at multiplier m is SGD at 0.01*m: tuning the multiplier gives SGD's scores."""
+    from lightning_l2l.evaluation import tune_baseline
+    from lightning_l2l.tasks import QuadraticFamily
+    from tests.benchmark_scripts import load_benchmark
+
+    compare = load_benchmark("conv_compare")
+    tasks = [QuadraticFamily(dim=3, num_functions=2, init_std=1.0, dtype=torch.float64).sample(generator)
+             for _ in range(2)]
+    rule = CoordinatewiseLinear(lr=0.01).double()
+    with torch.no_grad():
+        rule.scale.fill_(-0.01)
+    tuned = compare.tune_rule_lr(rule, tasks, 10)
+    assert len(tuned["scores"]) >= 5
+    for m, score in tuned["scores"].items():  # keys: the quarter decades 10**e to 6 significant digits
+        lr = 0.01 * 10 ** round(math.log10(float(m)), 2)
+        assert score == pytest.approx(tune_baseline("sgd", tasks, 10, [lr]).scores[lr], rel=1e-9)
+    best = min(tuned["scores"], key=tuned["scores"].get)
+    assert tuned["lr"] == pytest.approx(float(best), rel=1e-5)
+    multipliers = sorted(float(m) for m in tuned["scores"])
+    assert tuned["at_edge"] == (float(best) in (multipliers[0], multipliers[-1]))
+    if not tuned["at_edge"]:  # SGD's best rate is interior: widened until it was
+        assert multipliers[0] < float(best) < multipliers[-1]
+
+
+def test_conv_compare_reports_rules_at_a_tuned_lr(fashion_dir, tmp_path, monkeypatch):
+    """The whole script on tiny fake data: rows of the rule as meta-trained and at its tuned multiplier."""
+    import json
+    import sys
+
+    import yaml
+
+    from lightning_l2l.nets import save_rule
+    from tests.benchmark_scripts import load_benchmark
+
+    compare = load_benchmark("conv_compare")
+    config = tmp_path / "conv.yaml"
+    family = dict(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=8, eval_size=10)
+    config.write_text(yaml.safe_dump({"model": {"test_family": {"init_args": family}}}))
+    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
+                       default="fc")
+    weights = save_rule(rule, tmp_path / "rule")
+    out = tmp_path / "out"
+    argv = ["conv_compare.py", "--config", str(config), "--problems", "10", "--horizon", "4", "--num-val", "1",
+            "--num-test", "2", "--rule", f"lstm={weights}", "--tune-rule-lr", "--out", str(out),
+            "--cache", str(tmp_path / "cache")]
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    rows = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert {"lstm", "lstm (lr tuned)", "sgd", "nag", "rmsprop", "adam"} <= set(rows)
+    assert rows["lstm"]["lr"] is None
+    tuning = json.loads((out / "results.json").read_text())["results"]["10"]["tuning"]["lstm (lr tuned)"]
+    assert rows["lstm (lr tuned)"]["lr"] == pytest.approx(min((float(m) for m in tuning["scores"]),
+                                                              key=lambda m: tuning["scores"][f"{m:.6g}"]))
+    summary = (out / "summary.md").read_text()
+    assert "| 10 classes | lstm (lr tuned) |" in summary
+    # an unknown label is refused before any work
+    monkeypatch.setattr(sys, "argv", [*argv[:-2], "--tune-rule-lr", "nope"])
+    with pytest.raises(SystemExit):
+        compare.main()
