@@ -89,18 +89,21 @@ def test_last_ckpt_after_a_validation_that_did_not_improve(tmp_path):
     assert last["global_step"] == cli.trainer.global_step == 8
 
 
-def test_mnist_stages_chain_best_checkpoints():
-    """Stage N of the `mnist` recipe starts from the best checkpoint that stage N - 1's config writes."""
+@pytest.mark.parametrize("previous, stage", [
+    ("mnist.yaml", "mnist_stage2.yaml"), ("mnist_stage2.yaml", "mnist_stage3.yaml"), ("conv.yaml", "conv_stage2.yaml"),
+])
+def test_stages_chain_best_checkpoints(previous, stage):
+    """A later stage starts from the best checkpoint that the previous stage's config writes, on the same tasks."""
     import yaml
 
-    previous = "configs/mnist.yaml"
-    for stage in (2, 3):
-        doc = yaml.safe_load((ROOT / f"configs/mnist_stage{stage}.yaml").read_text())
-        prev_doc = yaml.safe_load((ROOT / previous).read_text())
-        best = next(cb["init_args"] for cb in prev_doc["trainer"]["callbacks"] if cb["init_args"].get("filename") == "best")
-        assert doc["model"]["init_weights"] == f"{best['dirpath']}/best.ckpt"
-        assert doc["model"]["task_family"] == prev_doc["model"]["task_family"]  # same tasks, later stage
-        previous = f"configs/mnist_stage{stage}.yaml"
+    doc = yaml.safe_load((ROOT / "configs" / stage).read_text())
+    prev_doc = yaml.safe_load((ROOT / "configs" / previous).read_text())
+    best = next(cb["init_args"] for cb in prev_doc["trainer"]["callbacks"] if cb["init_args"].get("filename") == "best")
+    assert doc["model"]["init_weights"] == f"{best['dirpath']}/best.ckpt"
+    for family in ("task_family", "eval_family", "test_family"):  # same tasks, later stage
+        assert doc["model"][family] == prev_doc["model"][family]
+    assert doc["model"]["rule"] == prev_doc["model"]["rule"]
+    assert doc["trainer"]["default_root_dir"] != prev_doc["trainer"]["default_root_dir"]  # writes elsewhere
 
 
 def test_mnist_stages_run_as_a_chain(tmp_path):
