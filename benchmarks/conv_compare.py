@@ -42,6 +42,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,64 +80,58 @@ def family_args(config: Path) -> dict[str, Any]:
     return dict(model["test_family"]["init_args"])
 
 
-def tune(name: str, val: list[Task], horizon: int) -> dict[str, Any]:
-    """Half-decade grid widened until the best rate is interior, then the quarter decades around it."""
-    scores: dict[float, float] = {}
+def _search(loss_at: Callable[[float], float], start: list[float], widen_by: float, max_widen: int,
+            refine_by: float | None = None) -> dict[str, Any]:
+    """Grid search over exponents ``e`` of ``10**e``: ``start``, widened by ``widen_by`` while the best is at
+    an edge (at most ``max_widen`` times), then ``refine_by`` either side of the best where given.
 
-    def score(e: float) -> float:
-        e = round(e, 2)
-        if e not in scores:
-            scores[e] = tune_baseline(name, val, horizon, [10**e]).scores[10**e]
-        return scores[e]
-
-    lo, hi = START_GRID[name]
-    for e in torch.arange(lo, hi + 0.01, 0.5).tolist():
-        score(e)
-    for _ in range(6):  # widen
-        best = min(scores, key=scores.get)
-        if best == min(scores):
-            score(best - 0.5)
-        elif best == max(scores):
-            score(best + 0.5)
-        else:
-            break
-    best = min(scores, key=scores.get)
-    score(best - 0.25)
-    score(best + 0.25)
-    best = min(scores, key=scores.get)
-    return {"lr": 10**best, "scores": {f"{10**e:.6g}": s for e, s in sorted(scores.items())},
-            "at_edge": best in (min(scores), max(scores))}
-
-
-def tune_rule_lr(rule: Any, val: list[Task], horizon: int) -> dict[str, Any]:
-    """A learned rule's update multiplier (``LearnedOptimizer(lr=...)``) tuned as the baselines' rates are.
-
-    The same procedure and resolution as :func:`tune`: quarter decades around 1 (0.32 ... 3.2), widened
-    while the best is at an edge, by the mean loss at the horizon on the validation tasks.
+    ``loss_at(value)`` is the mean loss at the horizon on the validation tasks (non-finite: worst).
     """
     scores: dict[float, float] = {}
 
     def score(e: float) -> float:
         e = round(e, 2)
         if e not in scores:
-            finals = [float(rule_curve(rule, t, horizon, lr=10**e)[-1]) for t in val]
-            mean = sum(finals) / len(finals)
-            scores[e] = mean if math.isfinite(mean) else math.inf
+            loss = loss_at(10**e)
+            scores[e] = loss if math.isfinite(loss) else math.inf
         return scores[e]
 
-    for e in (-0.5, -0.25, 0.0, 0.25, 0.5):
+    for e in start:
         score(e)
-    for _ in range(4):  # widen
+    for _ in range(max_widen):
         best = min(scores, key=scores.get)
         if best == min(scores):
-            score(best - 0.25)
+            score(best - widen_by)
         elif best == max(scores):
-            score(best + 0.25)
+            score(best + widen_by)
         else:
             break
+    if refine_by is not None:
+        best = min(scores, key=scores.get)
+        score(best - refine_by)
+        score(best + refine_by)
     best = min(scores, key=scores.get)
     return {"lr": 10**best, "scores": {f"{10**e:.6g}": s for e, s in sorted(scores.items())},
             "at_edge": best in (min(scores), max(scores))}
+
+
+def tune(name: str, val: list[Task], horizon: int) -> dict[str, Any]:
+    """Half-decade grid widened until the best rate is interior, then the quarter decades around it."""
+    lo, hi = START_GRID[name]
+    return _search(lambda lr: tune_baseline(name, val, horizon, [lr]).scores[lr],
+                   torch.arange(lo, hi + 0.01, 0.5).tolist(), widen_by=0.5, max_widen=6, refine_by=0.25)
+
+
+def tune_rule_lr(rule: Any, val: list[Task], horizon: int) -> dict[str, Any]:
+    """A learned rule's update multiplier (``LearnedOptimizer(lr=...)``) tuned as the baselines' rates are.
+
+    The same search and final resolution as :func:`tune`: quarter decades around 1 (0.32 ... 3.2),
+    widened while the best is at an edge, by the mean loss at the horizon on the validation tasks.
+    """
+    def loss_at(lr: float) -> float:
+        return sum(float(rule_curve(rule, t, horizon, lr=lr)[-1]) for t in val) / len(val)
+
+    return _search(loss_at, [-0.5, -0.25, 0.0, 0.25, 0.5], widen_by=0.25, max_widen=4)
 
 
 def parse_rule(text: str) -> tuple[str, str, list[int]]:
@@ -208,10 +203,6 @@ def main() -> None:
                              "tuned on the validation tasks as the baselines' rates are")
     parser.add_argument("--plot", nargs="*", default=None, help="labels of the rules to plot (default: all)")
     args = parser.parse_args()
-    labels = [parse_rule(text)[0] for text in args.rule]
-    unknown = sorted(set(args.tune_rule_lr or ()) - set(labels))
-    if unknown:
-        parser.error(f"--tune-rule-lr names {unknown}, which are not labels of any --rule (labels: {labels})")
     torch.set_num_threads(args.threads)
     out, cache = Path(args.out), Path(args.cache) if args.cache else None
     out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +216,9 @@ def main() -> None:
         # cached curves are keyed by the weights and by what the code computes with them
         rules[label] = (rule, weights_digest(weights), rule_fingerprint(rule))
         learned[label] = problems or list(args.problems)
+    unknown = sorted(set(args.tune_rule_lr or ()) - set(rules))
+    if unknown:
+        parser.error(f"--tune-rule-lr names {unknown}, which are not labels of any --rule (labels: {list(rules)})")
     results: dict[int, dict[str, Any]] = {}
     for k in args.problems:
         start = time.perf_counter()
