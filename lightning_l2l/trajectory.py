@@ -162,17 +162,11 @@ def unroll(
             grads_by_name = {
                 n: g if second_derivatives else g.detach() for n, g in zip(params.keys(), grads, strict=True)
             }
-            if differentiable:
+            with torch.set_grad_enabled(differentiable):  # frozen: new params and states carry no graph
                 updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
                 if lr != 1.0:
                     updates = {n: u * lr for n, u in updates.items()}
                 traj.params = {n: params[n] + updates[n] for n in params}
-            else:
-                with torch.no_grad():
-                    updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
-                    if lr != 1.0:
-                        updates = {n: u * lr for n, u in updates.items()}
-                    traj.params = {n: params[n].detach() + updates[n] for n in params}
             traj.step += 1
     curve_t = torch.stack(curve)
     meta_loss = torch.stack(terms).mean() if terms else curve_t.new_zeros(())
