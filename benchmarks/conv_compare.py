@@ -28,7 +28,9 @@ tuned on the same validation tasks by the same procedure and resolution as the b
 ``lr`` column is that multiplier. The baselines get one tuned number each; so does the rule there.
 
 Writes into ``--out``: ``summary.md`` (table: mean ± s.e.m. over test tasks at the horizon, ratio to
-the best tuned baseline, test tasks won), ``results.json`` (everything, incl. per-task curves),
+the best tuned baseline, the paired difference to it (every optimizer runs on the same test tasks:
+mean ± s.e.m. of the per-task differences; a rule beats the baseline clearly where the difference
+is below zero by more than two of its standard errors), test tasks won), ``results.json`` (everything, incl. per-task curves),
 ``curves_<k>class.csv`` (mean curves) and ``figure7.png`` (one panel per problem, log scale).
 Baseline tuning and curves are cached in ``--cache`` (keyed by their inputs), so adding a rule
 re-runs only that rule.
@@ -268,8 +270,9 @@ def main() -> None:
     # ---------------------------------------------------------------------------------- report
     rows = []
     lines = [f"| problem | optimizer | test: loss at step {args.horizon} (mean ± s.e.m. over {args.num_test} tasks) | lr | "
-             f"/ best tuned baseline | test tasks below best baseline | validation: loss at step {args.horizon} |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"/ best tuned baseline | paired difference to best baseline (mean ± s.e.m.) | "
+             f"test tasks below best baseline | validation: loss at step {args.horizon} |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k, r in results.items():
         finals = {name: [c[-1] for c in curves] for name, curves in r["curves"].items()}
         best = min(BASELINES, key=lambda b: mean_sem(finals[b])[0])
@@ -279,16 +282,20 @@ def main() -> None:
         for name in order:
             m, s = mean_sem(finals[name])
             wins = sum(a < b for a, b in zip(finals[name], finals[best], strict=True))
+            # same tasks for every optimizer: the per-task difference is the paired comparison
+            diff, diff_sem = mean_sem([a - b for a, b in zip(finals[name], finals[best], strict=True)])
             val_mean = sum(r["val_finals"][name]) / len(r["val_finals"][name])
             row = {"classes": k, "optimizer": name, "final_mean": m, "final_sem": s, "lr": r["lrs"][name],
                    "val_final_mean": val_mean,
                    "ratio_to_best_baseline": m / best_mean, "best_baseline": best,
+                   "diff_to_best_baseline_mean": diff, "diff_to_best_baseline_sem": diff_sem,
                    "tasks_below_best_baseline": wins, "num_test_tasks": len(finals[name])}
             rows.append(row)
             lr = "-" if r["lrs"][name] is None else f"{r['lrs'][name]:.3g}"
             shown = LABELS[name] + (" (best)" if name == best else "") if name in BASELINES else name
             won = "-" if name in BASELINES else f"{wins}/{len(finals[name])}"
-            lines.append(f"| {k} classes | {shown} | {m:.4f} ± {s:.4f} | {lr} | {m / best_mean:.3f} | {won} | "
+            paired = "-" if name == best else f"{diff:+.4f} ± {diff_sem:.4f}"
+            lines.append(f"| {k} classes | {shown} | {m:.4f} ± {s:.4f} | {lr} | {m / best_mean:.3f} | {paired} | {won} | "
                          f"{val_mean:.4f} |")
         with (out / f"curves_{k}class.csv").open("w", newline="") as f:
             writer = csv.writer(f)

@@ -360,6 +360,12 @@ def test_conv_compare_reports_rules_at_a_tuned_lr(fashion_dir, tmp_path, monkeyp
                                                               key=lambda m: tuning["scores"][f"{m:.6g}"]))
     summary = (out / "summary.md").read_text()
     assert "| 10 classes | lstm (lr tuned) |" in summary
+    # the paired difference: the mean of the per-task differences to the best baseline on the same tasks
+    best = rows["lstm"]["best_baseline"]
+    curves = json.loads((out / "results.json").read_text())["results"]["10"]["curves"]
+    diffs = [a[-1] - b[-1] for a, b in zip(curves["lstm"], curves[best], strict=True)]
+    assert rows["lstm"]["diff_to_best_baseline_mean"] == pytest.approx(sum(diffs) / len(diffs))
+    assert rows[best]["diff_to_best_baseline_mean"] == 0.0
     # an unknown label is refused before any work
     monkeypatch.setattr(sys, "argv", [*argv[:-2], "--tune-rule-lr", "nope"])
     with pytest.raises(SystemExit):

@@ -25,6 +25,20 @@ from lightning_l2l.tasks.images import FASHION_MNIST_DIR
 from tests.benchmark_scripts import load_benchmark
 
 
+@pytest.fixture
+def fresh_master_port(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A free port for this test's process group, restored afterwards.
+
+    ``ddp_spawn`` writes ``MASTER_PORT`` into the parent's environment and keeps it there, so without this
+    every later DDP test in the session would rendezvous on the first test's port.
+    """
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    port = find_free_network_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    return port
+
+
 def _model(**kwargs) -> MetaLearner:
     args = dict(
         rule=CoordinatewiseLSTM(hidden_size=8), task_family=QuadraticFamily(dim=4, num_functions=8),
@@ -58,7 +72,7 @@ class _RecordRanks(Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
 
 
-def test_ddp_meta_training_two_ranks(tmp_path):
+def test_ddp_meta_training_two_ranks(tmp_path, fresh_master_port):
     model = _model()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = L.Trainer(
@@ -120,7 +134,7 @@ class _RecordParams(Callback):
             json.dumps({"diffs": self.diffs, "optimizers": sorted(self.optimizers)}))
 
 
-def test_learned_optimizer_under_ddp_keeps_ranks_identical(tmp_path):
+def test_learned_optimizer_under_ddp_keeps_ranks_identical(tmp_path, fresh_master_port):
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
