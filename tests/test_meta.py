@@ -266,6 +266,31 @@ def test_init_weights_shipped_name_and_errors(tmp_path) -> None:
         MetaLearner(CoordinatewiseLSTM(), fam, init_weights="quadratc").load_init_weights()
 
 
+def test_init_weights_untie_one_network_into_a_per_kind_rule(tmp_path) -> None:
+    """A one-LSTM rule starts every network of a two-LSTM rule: same updates for every kind at the start."""
+    from lightning_l2l.nets import PerKindRule, save_rule
+
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    torch.manual_seed(1)
+    shared = CoordinatewiseLSTM(hidden_size=4)
+    path = save_rule(shared, tmp_path / "one")
+    torch.manual_seed(2)
+    two = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)}, default="fc")
+    model = MetaLearner(two, fam, init_weights=str(path))
+    model.load_init_weights()
+    grad = torch.randn(7)
+    want, _ = shared(grad, shared.init_state(7))
+    for kind in ("conv", "fc", "norm"):
+        got, _ = model.rule(grad, model.rule.init_state(7, kind), kind)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    model.rule.networks["conv"].out.weight.data.add_(1.0)  # copies, not one shared tensor
+    assert not torch.equal(model.rule.networks["fc"].out.weight, model.rule.networks["conv"].out.weight)
+    # a per-kind rule whose networks differ from the source is still refused
+    other = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=8)}, default="fc")
+    with pytest.raises(ValueError, match="each starts as a copy"):
+        MetaLearner(other, fam, init_weights=str(path)).load_init_weights()
+
+
 def test_init_weights_are_not_read_outside_a_fit_from_scratch(tmp_path) -> None:
     """Testing, validating or loading a checkpoint needs only the checkpoint: init_weights may be gone."""
     fam = QuadraticFamily(dim=3, num_functions=2)

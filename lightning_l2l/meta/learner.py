@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
 
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
-from lightning_l2l.nets import UpdateRule
+from lightning_l2l.nets import PerKindRule, UpdateRule
 from lightning_l2l.tasks import BatchedTask, Task, TaskFamily
 from lightning_l2l.trajectory import OBJECTIVES, STEP_WEIGHTS, Trajectory, rule_curve, unroll
 
@@ -79,7 +79,9 @@ class MetaLearner(L.LightningModule):
         init_weights: start meta-training from these weights instead of the rule's random
             initialisation (a later stage of a multi-stage recipe, or fine-tuning a shipped rule): a
             shipped name, an exported ``.safetensors`` file or a ``MetaLearner`` checkpoint. Their
-            network must have the configuration of ``rule``. Loaded when a fit starts from scratch
+            network must have the configuration of ``rule``, or, for a :class:`~lightning_l2l.nets.PerKindRule`
+            whose networks all have the configuration of a single-network source, each network starts
+            as a copy of it (a one-LSTM rule untied into per-layer-type LSTMs, section 3.3). Loaded when a fit starts from scratch
             (``on_fit_start`` without ``ckpt_path``); a resumed fit, ``test``, ``validate`` and
             ``load_from_checkpoint`` use the checkpoint's weights and never read these.
         tasks_per_step: optimizees per meta-step (the paper meta-trains on one MNIST network at a time): each
@@ -189,14 +191,22 @@ class MetaLearner(L.LightningModule):
         if weights is None:
             raise ValueError("init_weights is not set: there is nothing to load")
         source, _ = resolve(weights)
-        if source.config() != self.rule.config():
-            raise ValueError(
-                f"init_weights={weights!r} holds a {source.config()} but the rule to meta-train is a "
-                f"{self.rule.config()}; configure `rule` as the network those weights belong to (`l2l export` "
-                "writes its config beside the weights), or leave init_weights unset to start from a random "
-                "initialisation"
-            )
-        self.rule.load_state_dict(source.state_dict())
+        if source.config() == self.rule.config():
+            self.rule.load_state_dict(source.state_dict())
+            return
+        if (isinstance(self.rule, PerKindRule) and not isinstance(source, PerKindRule)
+                and all(net.config() == source.config() for net in self.rule.networks.values())):
+            # one shared network -> a copy per kind, which meta-training then lets drift apart
+            for net in self.rule.networks.values():
+                net.load_state_dict(source.state_dict())
+            return
+        raise ValueError(
+            f"init_weights={weights!r} holds a {source.config()} but the rule to meta-train is a "
+            f"{self.rule.config()}; configure `rule` as the network those weights belong to (`l2l export` "
+            "writes its config beside the weights), or as a PerKindRule whose every network is that "
+            "network (each starts as a copy), or leave init_weights unset to start from a random "
+            "initialisation"
+        )
 
     def setup(self, stage: str) -> None:
         seed = int(self.hparams.seed)
