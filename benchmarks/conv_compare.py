@@ -6,6 +6,7 @@
         --rule sub=runs/conv_sub/checkpoints/best.ckpt:5,2 \\
         --out docs/results/conv
 
+Defaults are the published protocol (docs/results/conv): 4 validation tasks, 32 test tasks per problem.
 A rule is ``LABEL=WEIGHTS[:PROBLEMS]``: a shipped name, a ``.safetensors`` file or a ``MetaLearner``
 checkpoint, and the problems (numbers of classes) to run it on. The labels of each problem are
 :data:`PROBLEMS` (10: all; 5: labels 0-4; 2: labels 2 and 4, Pullover vs Coat, a confusable pair:
@@ -195,8 +196,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "conv.yaml"))
     parser.add_argument("--problems", type=int, nargs="+", default=[10, 5, 2], choices=sorted(PROBLEMS))
     parser.add_argument("--horizon", type=int, default=100)
-    parser.add_argument("--num-val", type=int, default=3)
-    parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--num-val", type=int, default=4)
+    parser.add_argument("--num-test", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "conv"))
     parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_compare_cache"))
     parser.add_argument("--threads", type=int, default=1)

@@ -106,6 +106,22 @@ def test_stages_chain_best_checkpoints(previous, stage):
     assert doc["trainer"]["default_root_dir"] != prev_doc["trainer"]["default_root_dir"]  # writes elsewhere
 
 
+def test_conv_untie_starts_both_lstms_from_the_one_lstm_run():
+    """configs/conv_untie.yaml: the two-LSTM rule of conv.yaml, both networks from conv_one_lstm.yaml's best."""
+    import yaml
+
+    docs = {name: yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+            for name in ("conv", "conv_one_lstm", "conv_untie")}
+    best = next(cb["init_args"] for cb in docs["conv_one_lstm"]["trainer"]["callbacks"]
+                if cb["init_args"].get("filename") == "best")
+    assert docs["conv_untie"]["model"]["init_weights"] == f"{best['dirpath']}/best.ckpt"
+    assert docs["conv_untie"]["model"]["rule"] == docs["conv"]["model"]["rule"]
+    for net in docs["conv_untie"]["model"]["rule"]["init_args"]["networks"].values():
+        assert net == docs["conv_one_lstm"]["model"]["rule"]
+    for family in ("task_family", "eval_family", "test_family"):
+        assert docs["conv_untie"]["model"][family] == docs["conv_one_lstm"]["model"][family]
+
+
 def test_mnist_stages_run_as_a_chain(tmp_path):
     """Shrunk, the three stage configs run one after another, each from the previous stage's best.ckpt."""
     from lightning_l2l.pretrained import resolve

@@ -1,8 +1,8 @@
-"""The shipped ``conv`` weights against the numbers published for them (slow: ``make test-slow``, ~4 min on 1 core).
+"""The shipped ``conv`` weights against the numbers published for them (slow: ``make test-slow``, ~10 min on 1 core).
 
-Protocol of ``benchmarks/conv_compare.py --num-val 4 --num-test 8`` (docs/results/conv/summary.md):
+Protocol of ``benchmarks/conv_compare.py --num-val 4 --num-test 32`` (docs/results/conv/summary.md):
 the tasks of configs/conv.yaml's ``test_family`` (Fashion-MNIST test pool) with the labels of each
-problem, the first 8 tasks of ``MetaLearner``'s test seed stream, the loss on 500 fixed images of
+problem, the first 32 tasks of ``MetaLearner``'s test seed stream, the loss on 500 fixed images of
 the pool at step 100. The baselines run at the learning rates tuned on the validation tasks. The
 issue's bar is beating the best tuned baseline on the 10-, 5- and 2-class problems: these weights
 meet it on 5 and 2 classes, NOT on 10 (docs/results/conv); the tests pin exactly that.
@@ -28,12 +28,12 @@ pytestmark = [
                        reason="needs `apt-get install dataset-fashion-mnist`"),
 ]
 
-NUM_TEST = 8
+NUM_TEST = 32
 #: docs/results/conv/summary.md: classes -> (published `conv` mean, best tuned baseline, its lr, its mean)
 PUBLISHED = {
-    10: (0.3939, "nag", 10**-0.75, 0.3784),
-    5: (0.2140, "rmsprop", 10**-2.25, 0.2290),
-    2: (0.0271, "nag", 10**-1.25, 0.0580),
+    10: (0.3959, "nag", 10**-0.75, 0.3857),
+    5: (0.2177, "adam", 10**-2.0, 0.2316),
+    2: (0.0259, "nag", 10**-1.25, 0.0545),
 }
 
 
@@ -70,5 +70,5 @@ def test_shipped_conv_reproduces_its_published_numbers(classes):
     assert tuned == pytest.approx(published_baseline, rel=0.02)
     if classes in (5, 2):  # the bar, met on these two problems
         assert learned < tuned
-    else:  # not met on 10 classes (1.04x); what is claimed is "within 5%"
+    else:  # not met on 10 classes (1.03x); what is claimed is "within 5%"
         assert learned < 1.05 * tuned
