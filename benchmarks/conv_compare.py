@@ -31,8 +31,8 @@ tuned on the same validation tasks by the same procedure and resolution as the b
 Writes into ``--out``: ``summary.md`` (table: mean ± s.e.m. over test tasks at the horizon, ratio to
 the best tuned baseline, the paired difference to it (every optimizer runs on the same test tasks:
 mean ± s.e.m. of the per-task differences; a rule beats the baseline clearly where the difference
-is below zero by more than two of its standard errors), test tasks won), ``results.json`` (everything, incl. per-task curves),
-``curves_<k>class.csv`` (mean curves) and ``figure7.png`` (one panel per problem, log scale).
+is below zero by more than two of its standard errors), test tasks won), ``results.json``
+(everything, incl. per-task curves), ``curves_<k>class.csv`` (mean curves) and ``figure7.png`` (one panel per problem, log scale).
 Baseline tuning and curves are cached in ``--cache`` (keyed by their inputs), so adding a rule
 re-runs only that rule.
 """

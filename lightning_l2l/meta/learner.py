@@ -79,9 +79,10 @@ class MetaLearner(L.LightningModule):
         init_weights: start meta-training from these weights instead of the rule's random
             initialisation (a later stage of a multi-stage recipe, or fine-tuning a shipped rule): a
             shipped name, an exported ``.safetensors`` file or a ``MetaLearner`` checkpoint. Their
-            network must have the configuration of ``rule``, or, for a :class:`~lightning_l2l.nets.PerKindRule`
-            whose networks all have the configuration of a single-network source, each network starts
-            as a copy of it (a one-LSTM rule untied into per-layer-type LSTMs, section 3.3). Loaded when a fit starts from scratch
+            network must have the configuration of ``rule``, or, for a
+            :class:`~lightning_l2l.nets.PerKindRule` whose networks all have the configuration of a
+            single-network source, each network starts as a copy of it (a one-LSTM rule untied into
+            per-layer-type LSTMs, section 3.3). Loaded when a fit starts from scratch
             (``on_fit_start`` without ``ckpt_path``); a resumed fit, ``test``, ``validate`` and
             ``load_from_checkpoint`` use the checkpoint's weights and never read these.
         tasks_per_step: optimizees per meta-step (the paper meta-trains on one MNIST network at a time): each
