@@ -1,4 +1,4 @@
-"""The shipped ``conv`` weights against the numbers published for them (slow: ``make test-slow``, ~10 min on 1 core).
+"""The shipped ``conv`` weights against the numbers published for them (slow: ``make test-slow``, ~15 min on 1 core).
 
 Protocol of ``benchmarks/conv_compare.py --num-val 4 --num-test 32`` (docs/results/conv/summary.md):
 the tasks of configs/conv.yaml's ``test_family`` (Fashion-MNIST test pool) with the labels of each
