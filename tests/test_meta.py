@@ -236,14 +236,21 @@ def test_resume_with_more_steps_stretches_the_cosine_schedule(tmp_path):
 # ------------------------------------------------------------------------------- init_weights
 
 
-def test_init_weights_start_from_saved_rule(tmp_path) -> None:
+def _saved_lstm(path) -> tuple[CoordinatewiseLSTM, str]:
+    """A small LSTM of its own seed, saved as ``path``.safetensors; the global RNG is reseeded afterwards
+    so that the rule under test starts from other weights."""
     from lightning_l2l.nets import save_rule
 
-    fam = QuadraticFamily(dim=3, num_functions=2)
     torch.manual_seed(1)
-    trained = CoordinatewiseLSTM(hidden_size=4)
-    path = save_rule(trained, tmp_path / "stage1")
+    rule = CoordinatewiseLSTM(hidden_size=4)
+    saved = save_rule(rule, path)
     torch.manual_seed(2)
+    return rule, str(saved)
+
+
+def test_init_weights_start_from_saved_rule(tmp_path) -> None:
+    fam = QuadraticFamily(dim=3, num_functions=2)
+    trained, path = _saved_lstm(tmp_path / "stage1")
     model = MetaLearner(CoordinatewiseLSTM(hidden_size=4), fam, init_weights=str(path))
     model.load_init_weights()  # what a fit from scratch does at its start
     for name, value in trained.state_dict().items():
@@ -268,13 +275,10 @@ def test_init_weights_shipped_name_and_errors(tmp_path) -> None:
 
 def test_init_weights_untie_one_network_into_a_per_kind_rule(tmp_path) -> None:
     """A one-LSTM rule starts every network of a two-LSTM rule: same updates for every kind at the start."""
-    from lightning_l2l.nets import PerKindRule, save_rule
+    from lightning_l2l.nets import PerKindRule
 
     fam = QuadraticFamily(dim=3, num_functions=2)
-    torch.manual_seed(1)
-    shared = CoordinatewiseLSTM(hidden_size=4)
-    path = save_rule(shared, tmp_path / "one")
-    torch.manual_seed(2)
+    shared, path = _saved_lstm(tmp_path / "one")
     two = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)}, default="fc")
     model = MetaLearner(two, fam, init_weights=str(path))
     model.load_init_weights()
