@@ -62,7 +62,7 @@ from lightning_l2l.evaluation import (
 )
 from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily, Task
-from lightning_l2l.trajectory import rule_curve
+from lightning_l2l.trajectory import rule_curve, rule_final_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("sgd", "nag", "rmsprop", "adam")
@@ -132,7 +132,7 @@ def tune_rule_lr(rule: Any, val: list[Task], horizon: int) -> dict[str, Any]:
     widened while the best is at an edge, by the mean loss at the horizon on the validation tasks.
     """
     def loss_at(lr: float) -> float:
-        return sum(float(rule_curve(rule, t, horizon, lr=lr)[-1]) for t in val) / len(val)
+        return sum(float(rule_final_loss(rule, t, horizon, lr=lr)) for t in val) / len(val)
 
     return _search(loss_at, [-0.5, -0.25, 0.0, 0.25, 0.5], widen_by=0.25, max_widen=4)
 
@@ -251,7 +251,7 @@ def main() -> None:
             r["lrs"][label] = None
             # on the validation tasks too: what choosing among learned rules may look at (never the test)
             r["val_finals"][label] = json_cached(cache, f"val_{wd}_{fp}_{digest(ident)}",
-                                            lambda rule=rule, val=val: [float(rule_curve(rule, t, args.horizon)[-1]) for t in val])
+                                            lambda rule=rule, val=val: [float(rule_final_loss(rule, t, args.horizon)) for t in val])
             if args.tune_rule_lr is not None and (not args.tune_rule_lr or label in args.tune_rule_lr):
                 def run_tuned(rule: Any = rule, val: list[Task] = val, test: list[Task] = test) -> dict[str, Any]:
                     tuned = tune_rule_lr(rule, val, args.horizon)

@@ -21,7 +21,7 @@ from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKind
 from lightning_l2l.tasks import ConvFamily, ConvTask
 from lightning_l2l.tasks.conv import DEFAULT_KIND_MAP, conv_net, routed_kinds
 from lightning_l2l.tasks.images import FASHION_MNIST_DIR, fashion_mnist, image_pools, load_images, read_idx
-from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import Trajectory, frozen_run, rule_curve, rule_final_loss, unroll
 from tests.image_data import allow_fake_cifar10, write_fake_cifar10, write_fashion_mnist, write_idx
 
 needs_fashion = pytest.mark.skipif(
@@ -249,6 +249,24 @@ def test_two_lstms_both_get_meta_gradients(fashion_dir):
     assert curve.shape == (5,) and torch.isfinite(curve).all()
 
 
+def test_final_loss_is_the_curve_end_without_the_eval_passes(fashion_dir):
+    """frozen_run / rule_final_loss: the eval_loss after the last step, bit for bit rule_curve's last
+    entry, with the steps' minibatch losses along the way (what the rule saw), at lr multipliers too."""
+    family = tiny_family(fashion_dir)
+    torch.manual_seed(0)
+    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
+                       default="fc").requires_grad_(False)
+    task = family.sample(torch.Generator().manual_seed(3))
+    for lr in (1.0, 2.5):
+        full = rule_curve(rule, task, 6, lr=lr)
+        steps, final = frozen_run(rule, task, 6, lr=lr)
+        assert torch.equal(final, full[-1]) and torch.equal(rule_final_loss(rule, task, 6, lr=lr), full[-1])
+        assert steps.shape == (7,)
+        # the curve holds the minibatch losses, not the eval_loss: they differ on every step here
+        assert not torch.isclose(steps, full).any()
+    assert not torch.equal(rule_final_loss(rule, task, 6, lr=2.5), rule_final_loss(rule, task, 6))
+
+
 def test_family_pickles_without_its_images(fashion_dir):
     family = tiny_family(fashion_dir)
     family.data()
@@ -329,23 +347,30 @@ def test_tune_rule_lr_scores_the_rule_as_sgd_scores_the_same_rates(generator):
         assert multipliers[0] < float(best) < multipliers[-1]
 
 
+def _tiny_benchmark_inputs(fashion_dir, tmp_path):
+    """A conv_compare-style config on tiny fake data and a saved two-LSTM rule for it."""
+    import yaml
+
+    from lightning_l2l.nets import save_rule
+
+    config = tmp_path / "conv.yaml"
+    family = dict(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=8, eval_size=10)
+    config.write_text(yaml.safe_dump({"model": {"test_family": {"init_args": family}}}))
+    torch.manual_seed(0)
+    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
+                       default="fc")
+    return config, save_rule(rule, tmp_path / "rule")
+
+
 def test_conv_compare_reports_rules_at_a_tuned_lr(fashion_dir, tmp_path, monkeypatch):
     """The whole script on tiny fake data: rows of the rule as meta-trained and at its tuned multiplier."""
     import json
     import sys
 
-    import yaml
-
-    from lightning_l2l.nets import save_rule
     from tests.benchmark_scripts import load_benchmark
 
     compare = load_benchmark("conv_compare")
-    config = tmp_path / "conv.yaml"
-    family = dict(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=8, eval_size=10)
-    config.write_text(yaml.safe_dump({"model": {"test_family": {"init_args": family}}}))
-    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
-                       default="fc")
-    weights = save_rule(rule, tmp_path / "rule")
+    config, weights = _tiny_benchmark_inputs(fashion_dir, tmp_path)
     out = tmp_path / "out"
     argv = ["conv_compare.py", "--config", str(config), "--problems", "10", "--horizon", "4", "--num-val", "1",
             "--num-test", "2", "--rule", f"lstm={weights}", "--tune-rule-lr", "--out", str(out),
@@ -370,3 +395,41 @@ def test_conv_compare_reports_rules_at_a_tuned_lr(fashion_dir, tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", [*argv[:-2], "--tune-rule-lr", "nope"])
     with pytest.raises(SystemExit):
         compare.main()
+
+
+def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tmp_path, monkeypatch, capsys):
+    """benchmarks/conv_select.py: each candidate's mean loss at the horizon on tasks of the validation pool
+    drawn from a seed stream of their own (not conv_compare's validation tasks), beside the baselines at
+    the rates conv_compare tuned; a problem conv_compare has not run is refused with what to do."""
+    import sys
+
+    from lightning_l2l.pretrained import resolve
+    from tests.benchmark_scripts import load_benchmark
+
+    compare = load_benchmark("conv_compare")
+    select = load_benchmark("conv_select")
+    config, weights = _tiny_benchmark_inputs(fashion_dir, tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["conv_compare.py", "--config", str(config), "--problems", "10", "--horizon", "4",
+                                      "--num-val", "1", "--num-test", "1", "--out", str(out),
+                                      "--cache", str(tmp_path / "cache")])
+    compare.main()
+    capsys.readouterr()
+    args = [str(weights), "--config", str(config), "--horizon", "4", "--num-tasks", "3",
+            "--results", str(out / "results.json"), "--cache", str(tmp_path / "select_cache")]
+    select.main(args)
+    table = capsys.readouterr().out
+    rule, _ = resolve(str(weights))
+    family = ConvFamily(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=8, eval_size=10, split="val")
+    gen = torch.Generator().manual_seed(select.SELECTION_SEED)
+    tasks = [family.sample(gen) for _ in range(3)]
+    expected = sum(float(rule_curve(rule, t, 4)[-1]) for t in tasks) / 3
+    row = next(line for line in table.splitlines() if line.startswith(f"| {weights} |"))
+    assert float(row.split("|")[2].split("±")[0]) == pytest.approx(expected, abs=1e-4)
+    assert sum(line.startswith(("| SGD", "| NAG", "| RMSprop", "| ADAM")) for line in table.splitlines()) == 4
+    # cached: a second run prints the same table
+    select.main(args)
+    assert capsys.readouterr().out == table
+    with pytest.raises(SystemExit):
+        select.main([*args, "--problems", "5"])
+    assert "run benchmarks/conv_compare.py" in capsys.readouterr().err

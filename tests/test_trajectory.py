@@ -9,7 +9,15 @@ from torch.testing import assert_close
 
 from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, UpdateRule
 from lightning_l2l.tasks import ModuleTask, QuadraticTask, Task
-from lightning_l2l.trajectory import STEP_WEIGHTS, Trajectory, rule_curve, step_weight, unroll
+from lightning_l2l.trajectory import (
+    STEP_WEIGHTS,
+    Trajectory,
+    frozen_run,
+    rule_curve,
+    rule_final_loss,
+    step_weight,
+    unroll,
+)
 
 
 def _sgd_rule(lr: float, construct: str = "exact") -> CoordinatewiseLinear:
@@ -308,3 +316,13 @@ def test_unroll_step_weights_bad_arguments(quadratic_task) -> None:
         unroll(rule, Trajectory.start(rule, quadratic_task), 2, step_weights="linear")
     with pytest.raises(ValueError, match="Invalid step_weights"):
         unroll(rule, Trajectory.start(rule, quadratic_task), 2, step_weights="late")
+
+
+def test_final_loss_without_an_eval_loss_is_the_last_step_loss(
+    lstm_rule: CoordinatewiseLSTM, quadratic_task: QuadraticTask
+) -> None:
+    """A task with no eval_loss (a quadratic): the curve is rule_curve's and the final loss its end."""
+    full = rule_curve(lstm_rule, quadratic_task, 5)
+    steps, final = frozen_run(lstm_rule, quadratic_task, 5)
+    assert torch.equal(steps, full) and torch.equal(final, full[-1])
+    assert torch.equal(rule_final_loss(lstm_rule, quadratic_task, 5), full[-1])

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric, SumMetric
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
 from lightning_l2l.nets import PerKindRule, UpdateRule
 from lightning_l2l.tasks import BatchedTask, Task, TaskFamily
-from lightning_l2l.trajectory import OBJECTIVES, STEP_WEIGHTS, Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import OBJECTIVES, STEP_WEIGHTS, Trajectory, frozen_run, rule_curve, unroll
 
 __all__ = ["MetaLearner"]
 
@@ -40,12 +40,13 @@ class MetaLearner(L.LightningModule):
     (no backward, no step), counted in ``train/nonfinite_trajectories``, and its task replaced.
 
     Validation runs the frozen rule for ``horizon`` steps on ``num_val_tasks`` fixed held-out tasks
-    and logs ``val/final_loss`` (mean loss per problem at the last step) and ``val/mean_loss``
-    (over the trajectory); a ``ModelCheckpoint`` on ``val/final_loss`` keeps the early-stopped
+    and logs ``val/final_loss`` (mean loss per problem after the last step) and ``val/mean_loss``
+    (the mean of the steps' losses over the trajectory: the paper's meta-objective ``L(phi)`` on
+    the validation tasks); a ``ModelCheckpoint`` on ``val/final_loss`` keeps the early-stopped
     optimizer the paper reports. Test runs the frozen rule on ``num_test_tasks`` fresh tasks against
     SGD, NAG, RMSprop and Adam at learning rates tuned on the validation tasks, and writes a table,
-    a CSV of the curves and a plot. Validation and test losses are the tasks' ``eval_loss`` where
-    they define one (e.g. the full-data loss of a minibatch task), else the step's loss.
+    a CSV of the curves and a plot. ``val/final_loss`` and the test curves are the tasks' ``eval_loss``
+    where they define one (e.g. the full-data loss of a minibatch task), else the step's loss.
 
     Args:
         rule: the update rule to meta-train (e.g. ``CoordinatewiseLSTM``).
@@ -329,10 +330,12 @@ class MetaLearner(L.LightningModule):
     # ------------------------------------------------------------------------------- validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         task = self.val_tasks[int(batch)].to(self.device)
-        curve = rule_curve(self.rule, task, self.hparams.horizon, self.device)
-        final = curve[-1] if torch.isfinite(curve[-1]) else torch.tensor(math.inf)
+        # the steps' minibatch losses and the eval_loss at the end only (an eval_loss at every step would
+        # double the cost of a validation on image tasks)
+        curve, final = frozen_run(self.rule, task, self.hparams.horizon, self.device)
+        final = final if torch.isfinite(final) else torch.tensor(math.inf)
         self.val_final.update(final, weight=task.num_problems)
-        self.val_mean.update(curve.mean(), weight=task.num_problems)
+        self.val_mean.update(curve[1:].mean(), weight=task.num_problems)
         self.log("val/final_loss", self.val_final, prog_bar=True)
         self.log("val/mean_loss", self.val_mean)
 

@@ -1,0 +1,90 @@
+"""Choose among candidate conv rules on validation-pool tasks that no checkpoint selection has seen.
+
+    python benchmarks/conv_select.py runs/conv_s1/checkpoints/*.ckpt conv [--problems 10 5 2] [--num-tasks 16]
+
+``MetaLearner`` keeps the checkpoint with the best ``val/final_loss`` on its 4 validation tasks; picked
+among 40 validations, that number is optimistic (the band of one run's validations is as wide as the
+noise of 4 tasks). This script draws ``--num-tasks`` other networks per problem from the same
+validation image pool (a seed stream neither ``MetaLearner`` nor ``benchmarks/conv_compare.py``
+uses), runs every candidate and the four baselines at the learning rates ``conv_compare`` tuned
+(read from ``--results``), and prints the mean loss at the horizon, the paired difference to the best
+of those baselines on these tasks, and on how many tasks a candidate is below it. The test pool stays
+untouched for ``conv_compare``'s final report. Only the loss at the horizon is computed (no curves),
+and results are cached in ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lightning_l2l.evaluation import digest, json_cached, rule_fingerprint, tune_baseline, weights_digest
+from lightning_l2l.pretrained import resolve
+from lightning_l2l.tasks import ConvFamily
+from lightning_l2l.trajectory import rule_final_loss
+
+from conv_compare import BASELINES, LABELS, PROBLEMS, ROOT, VAL_SEED, family_args, mean_sem  # isort: skip
+
+#: MetaLearner's and conv_compare's validation stream is VAL_SEED; this one is 77 further on
+SELECTION_SEED = VAL_SEED + 77
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("weights", nargs="+", help="shipped names, .safetensors files or MetaLearner .ckpt files")
+    parser.add_argument("--problems", type=int, nargs="+", default=[10], choices=sorted(PROBLEMS))
+    parser.add_argument("--num-tasks", type=int, default=16)
+    parser.add_argument("--horizon", type=int, default=100)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "conv.yaml"))
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "conv" / "results.json"),
+                        help="conv_compare's results.json: the baselines' tuned learning rates")
+    parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_select_cache"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = json.loads(Path(args.results).read_text())["results"]
+    missing = [k for k in args.problems if str(k) not in results]
+    if missing:
+        parser.error(f"{args.results} has no tuned learning rates for the {missing}-class problems; "
+                     "run benchmarks/conv_compare.py for them first")
+    cache = Path(args.cache)
+    base = family_args(Path(args.config))
+    candidates = []
+    for weights in args.weights:
+        rule, _ = resolve(weights)
+        candidates.append((weights, rule.eval().requires_grad_(False), weights_digest(weights), rule_fingerprint(rule)))
+    for k in args.problems:
+        fam = {**base, "classes": PROBLEMS[k], "split": "val"}
+        gen = torch.Generator().manual_seed(SELECTION_SEED)
+        tasks = [ConvFamily(**fam).sample(gen) for _ in range(args.num_tasks)]
+        ident = digest({"family": fam, "horizon": args.horizon, "num_tasks": args.num_tasks, "seed": SELECTION_SEED})
+        lrs = results[str(k)]["lrs"]
+        finals: dict[str, list[float]] = {}
+        for name in BASELINES:
+            lr = lrs[name]
+            finals[f"{LABELS[name]} (lr {lr:.3g})"] = json_cached(
+                cache, f"baseline_{name}_{lr:.6g}_{ident}",
+                lambda name=name, lr=lr, tasks=tasks: [float(tune_baseline(name, [t], args.horizon, [lr]).scores[lr])
+                                                      for t in tasks])
+        best = min(finals, key=lambda n: mean_sem(finals[n])[0])
+        for weights, rule, wd, fp in candidates:
+            finals[weights] = json_cached(
+                cache, f"rule_{wd}_{fp}_{ident}",
+                lambda rule=rule, tasks=tasks: [float(rule_final_loss(rule, t, args.horizon)) for t in tasks])
+        print(f"\n{k} classes: loss at step {args.horizon} on {args.num_tasks} selection tasks "
+              f"(validation pool, seed stream {SELECTION_SEED}); best baseline here: {best}\n")
+        print("| optimizer | mean ± s.e.m. | paired difference to the best baseline | tasks below it |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, values in finals.items():
+            m, s = mean_sem(values)
+            diff, diff_sem = mean_sem([a - b for a, b in zip(values, finals[best], strict=True)])
+            wins = sum(a < b for a, b in zip(values, finals[best], strict=True))
+            paired = "-" if name == best else f"{diff:+.4f} ± {diff_sem:.4f}"
+            print(f"| {name} | {m:.4f} ± {s:.4f} | {paired} | {'-' if name == best else wins} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
