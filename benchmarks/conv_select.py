@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from lightning_l2l.evaluation import digest, json_cached, rule_fingerprint, tune_baseline, weights_digest
+from lightning_l2l.evaluation import (
+    baseline_final_loss,
+    digest,
+    json_cached,
+    rule_fingerprint,
+    weights_digest,
+)
 from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily
 from lightning_l2l.trajectory import rule_final_loss
@@ -67,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             lr = lrs[name]
             finals[f"{LABELS[name]} (lr {lr:.3g})"] = json_cached(
                 cache, f"baseline_{name}_{lr:.6g}_{ident}",
-                lambda name=name, lr=lr, tasks=tasks: [float(tune_baseline(name, [t], args.horizon, [lr]).scores[lr])
-                                                      for t in tasks])
+                lambda name=name, lr=lr, tasks=tasks: [float(baseline_final_loss(name, lr, t, args.horizon)) for t in tasks])
         best = min(finals, key=lambda n: mean_sem(finals[n])[0])
         for weights, rule, wd, fp in candidates:
             finals[weights] = json_cached(

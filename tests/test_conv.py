@@ -251,7 +251,8 @@ def test_two_lstms_both_get_meta_gradients(fashion_dir):
 
 def test_final_loss_is_the_curve_end_without_the_eval_passes(fashion_dir):
     """frozen_run / rule_final_loss: the eval_loss after the last step, bit for bit rule_curve's last
-    entry, with the steps' minibatch losses along the way (what the rule saw), at lr multipliers too."""
+    entry, with the steps' minibatch losses along the way (what the rule saw), at lr multipliers too;
+    baseline_final_loss likewise for baseline_curve."""
     family = tiny_family(fashion_dir)
     torch.manual_seed(0)
     rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
@@ -265,6 +266,11 @@ def test_final_loss_is_the_curve_end_without_the_eval_passes(fashion_dir):
         # the curve holds the minibatch losses, not the eval_loss: they differ on every step here
         assert not torch.isclose(steps, full).any()
     assert not torch.equal(rule_final_loss(rule, task, 6, lr=2.5), rule_final_loss(rule, task, 6))
+    # the baselines' twin: the eval_loss after the last step, without one at every step
+    from lightning_l2l.evaluation import baseline_curve, baseline_final_loss
+
+    for name in ("nag", "adam"):
+        assert torch.equal(baseline_final_loss(name, 0.05, task, 6), baseline_curve(name, 0.05, task, 6)[-1])
 
 
 def test_family_pickles_without_its_images(fashion_dir):

@@ -5,6 +5,7 @@ from lightning_l2l.evaluation.baselines import (
     DEFAULT_LR_GRID,
     TunedBaseline,
     baseline_curve,
+    baseline_final_loss,
     tune_baseline,
 )
 from lightning_l2l.evaluation.cache import digest, json_cached, rule_fingerprint, weights_digest
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_LR_GRID",
     "TunedBaseline",
     "baseline_curve",
+    "baseline_final_loss",
     "tune_baseline",
     "LEARNED",
     "Comparison",

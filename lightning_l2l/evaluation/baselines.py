@@ -41,6 +41,16 @@ def baseline_curve(
     return _run_baseline(name, lr, task, num_steps, device, eval_every_step=True)
 
 
+
+def baseline_final_loss(
+    name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None = None
+) -> Tensor:
+    """``baseline_curve(name, lr, task, num_steps)[-1]`` without the ``eval_loss`` of every step before
+    it (what tuning and checkpoint-selection scripts look at; the twin of
+    :func:`~lightning_l2l.trajectory.rule_final_loss`)."""
+    return _run_baseline(name, lr, task, num_steps, device, eval_every_step=False)[-1]
+
+
 def _run_baseline(
     name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None, eval_every_step: bool
 ) -> Tensor:
@@ -98,7 +108,7 @@ def tune_baseline(
         raise ValueError("tune_baseline needs at least one validation task")
     scores: dict[float, float] = {}
     for lr in lr_grid:
-        finals = [float(_run_baseline(name, lr, t, num_steps, device, eval_every_step=False)[-1]) for t in tasks]
+        finals = [float(baseline_final_loss(name, lr, t, num_steps, device)) for t in tasks]
         score = sum(finals) / len(finals)
         scores[lr] = score if math.isfinite(score) else math.inf
     best = min(scores, key=lambda lr: scores[lr])
