@@ -203,7 +203,8 @@ def frozen_run(
         curve = unroll(rule, traj, num_steps, differentiable=False, lr=lr).curve
         with torch.no_grad():
             recorded = task.eval_loss(traj.params)
-    return curve, curve[-1] if recorded is None else recorded.detach() / task.num_problems
+    # scaled as unroll scales its curve, so that the number is rule_curve's to the bit
+    return curve, curve[-1] if recorded is None else recorded.detach() * (1.0 / task.num_problems)
 
 
 def rule_final_loss(

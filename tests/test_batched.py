@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import CoordinatewiseLSTM
 from lightning_l2l.tasks import BatchedTask, MNISTFamily, ModuleTask, QuadraticFamily
-from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import Trajectory, rule_curve, rule_final_loss, unroll
 
 
 def _module_tasks(n: int) -> list[ModuleTask]:
@@ -61,6 +61,17 @@ def test_batched_eval_loss_sums_members_or_is_none() -> None:
     assert float(task.eval_loss(params)) == pytest.approx(expected, rel=1e-6)
     mixed = BatchedTask([members[0], *_module_tasks(1)])  # a ModuleTask has no full-data loss
     assert mixed.eval_loss(mixed.init_params()) is None
+
+
+def test_final_loss_of_a_batch_is_the_curve_end() -> None:
+    """rule_final_loss on a batch of 3 tasks with a full-data loss: rule_curve's last entry to the bit
+    (the same per-problem scaling)."""
+    torch.manual_seed(0)
+    rule = CoordinatewiseLSTM(hidden_size=6).requires_grad_(False)
+    family = MNISTFamily(width=4, split="val", batch_size=32)
+    gen = torch.Generator().manual_seed(1)
+    task = BatchedTask([family.sample(gen) for _ in range(3)])
+    assert torch.equal(rule_final_loss(rule, task, 5), rule_curve(rule, task, 5)[-1])
 
 
 def test_rule_on_a_batch_is_the_rule_on_each_member() -> None:
