@@ -18,7 +18,10 @@ from torch import Tensor
 from lightning_l2l.nets import KindLayout, UpdateRule, apply_rule
 from lightning_l2l.tasks import Task
 
-__all__ = ["OBJECTIVES", "STEP_WEIGHTS", "Trajectory", "UnrollResult", "step_weight", "unroll", "rule_curve", "frozen_run", "rule_final_loss"]
+__all__ = [
+    "OBJECTIVES", "STEP_WEIGHTS", "Trajectory", "UnrollResult", "step_weight", "unroll", "rule_curve", "frozen_run",
+    "rule_final_loss",
+]
 
 #: meta-objectives :func:`unroll` can return: the paper's mean loss, or the mean log loss
 OBJECTIVES = ("mean", "log_mean")

@@ -41,7 +41,6 @@ def baseline_curve(
     return _run_baseline(name, lr, task, num_steps, device, eval_every_step=True)
 
 
-
 def baseline_final_loss(
     name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None = None
 ) -> Tensor:
