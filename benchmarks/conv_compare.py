@@ -35,6 +35,18 @@ is below zero by more than two of its standard errors), test tasks won), ``resul
 (everything, incl. per-task curves), ``curves_<k>class.csv`` (mean curves) and ``figure7.png`` (one panel per problem, log scale).
 Baseline tuning and curves are cached in ``--cache`` (keyed by their inputs), so adding a rule
 re-runs only that rule.
+
+``--previous docs/results/conv/results.json`` starts from an earlier report of the same protocol
+(config family, horizon, numbers of validation and test tasks; anything else is refused): its
+baselines' tuning and test curves are taken instead of recomputed (the tasks are the same, and a
+re-run on the same kind of CPU reproduces them bit for bit), and its learned rules that no ``--rule``
+names again are carried into the new report as they were (``results.json``'s ``meta.rules`` says
+which were carried and from where); ``--drop LABEL`` leaves one out. A rule given again with
+``--rule`` is run afresh. This is how a new rule joins the published table on a machine that no
+longer has the earlier rules' weights. Another CPU runs other float kernels: a trajectory then
+departs from the published one in the last bits within a few steps and, the training of a small
+conv net being chaotic, ends up to a few percent away at step 100 per task, while means over the
+test tasks agree within their standard errors; a rule measured afresh beside carried ones says so.
 """
 
 from __future__ import annotations
@@ -190,7 +202,25 @@ def plot(results: dict[int, dict[str, Any]], learned: list[str], path: Path) -> 
     plt.close(fig)
 
 
-def main() -> None:
+def load_previous(path: Path, family: dict[str, Any], horizon: int, num_val: int, num_test: int) -> dict[str, Any]:
+    """An earlier ``results.json``, checked to be of this protocol (else ``SystemExit`` saying what differs)."""
+    try:
+        previous = json.loads(path.read_text())
+        meta = previous["meta"]
+        if not isinstance(previous["results"], dict):
+            raise TypeError("results is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--previous {path}: not a results.json written by conv_compare ({err!r})") from None
+    ours = {"family": family, "horizon": horizon, "num_val": num_val, "num_test": num_test}
+    differs = [key for key, value in ours.items() if meta.get(key) != value]
+    if differs:
+        raise SystemExit(f"--previous {path} was run with another protocol ({', '.join(differs)} differ: "
+                         f"{ {k: meta.get(k) for k in differs} } here { {k: ours[k] for k in differs} }); "
+                         "its numbers cannot join these. Leave --previous out to run everything afresh.")
+    return previous
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rule", action="append", default=[], help="LABEL=WEIGHTS[:10,5,2]")
     parser.add_argument("--config", default=str(ROOT / "configs" / "conv.yaml"))
@@ -205,7 +235,11 @@ def main() -> None:
                         help="also run these learned rules (all when no label is given) at an update multiplier "
                              "tuned on the validation tasks as the baselines' rates are")
     parser.add_argument("--plot", nargs="*", default=None, help="labels of the rules to plot (default: all)")
-    args = parser.parse_args()
+    parser.add_argument("--previous", default=None, metavar="RESULTS_JSON",
+                        help="an earlier results.json of the same protocol: reuse its baselines, carry its other rules")
+    parser.add_argument("--drop", action="append", default=[], metavar="LABEL",
+                        help="with --previous: a rule of the earlier report not to carry over")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, cache = Path(args.out), Path(args.cache) if args.cache else None
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +256,20 @@ def main() -> None:
     unknown = sorted(set(args.tune_rule_lr or ()) - set(rules))
     if unknown:
         parser.error(f"--tune-rule-lr names {unknown}, which are not labels of any --rule (labels: {list(rules)})")
+    previous = None if args.previous is None else load_previous(
+        Path(args.previous), base, args.horizon, args.num_val, args.num_test)
+    carried: dict[str, Any] = {}  # label -> the previous meta.rules entry, for rules carried over
+    if args.drop and previous is None:
+        parser.error("--drop leaves out rules carried over from --previous; give --previous too")
+    if previous is not None:
+        unknown = sorted(set(args.drop) - set(previous["meta"]["rules"]))
+        if unknown:
+            parser.error(f"--drop {unknown}: no such rule in {args.previous} "
+                         f"(its rules: {list(previous['meta']['rules'])})")
+        for label, entry in previous["meta"]["rules"].items():
+            if label not in rules and label not in args.drop:
+                carried[label] = entry
+                learned[label] = [int(k) for k, r in previous["results"].items() if label in r["curves"]]
     results: dict[int, dict[str, Any]] = {}
     for k in args.problems:
         start = time.perf_counter()
@@ -232,17 +280,28 @@ def main() -> None:
         test = [ConvFamily(**{**fam, "split": "test"}).sample(test_gen) for _ in range(args.num_test)]
         r: dict[str, Any] = {"classes": fam["classes"], "dataset": fam.get("dataset", "fashion_mnist"),
                              "curves": {}, "lrs": {}, "tuning": {}, "val_finals": {}}
+        old = None if previous is None else previous["results"].get(str(k))
         for name in BASELINES:
             def run_baseline(name: str = name, val: list[Task] = val, test: list[Task] = test) -> dict[str, Any]:
                 tuned = tune(name, val, args.horizon)
                 curves = [baseline_curve(name, tuned["lr"], t, args.horizon).tolist() for t in test]
                 return {**tuned, "curves": curves}
 
-            b = json_cached(cache, f"baseline_{name}_{digest(ident)}", run_baseline)
+            if old is not None and name in old["curves"]:
+                b = {**old["tuning"][name], "curves": old["curves"][name]}
+            else:
+                b = json_cached(cache, f"baseline_{name}_{digest(ident)}", run_baseline)
             r["curves"][name], r["lrs"][name] = b["curves"], b["lr"]
             r["tuning"][name] = {key: v for key, v in b.items() if key != "curves"}
             r["val_finals"][name] = [b["scores"][f"{b['lr']:.6g}"]]  # mean over the validation tasks
             print(f"  {k} classes, {name}: lr {b['lr']:.3g}{' (grid edge!)' if b['at_edge'] else ''}", flush=True)
+        for label in carried:
+            for name in (label, label + TUNED):
+                if old is not None and name in old["curves"]:
+                    r["curves"][name], r["lrs"][name] = old["curves"][name], old["lrs"][name]
+                    r["val_finals"][name] = old["val_finals"][name]
+                    if name in old["tuning"]:
+                        r["tuning"][name] = old["tuning"][name]
         for label, (rule, wd, fp) in rules.items():
             if k not in learned[label]:
                 continue
@@ -306,8 +365,10 @@ def main() -> None:
             for step in range(args.horizon + 1):
                 writer.writerow([step, *(f"{float(means[n][step]):.6g}" for n in names)])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    meta = {"rules": {label: {"weights": text.partition("=")[2], "digest": rules[label][1]}
-                      for label, text in zip(rules, args.rule, strict=True)},
+    meta = {"rules": {**{label: {**entry, "carried_from": entry.get("carried_from", _shown(Path(args.previous)))}
+                         for label, entry in carried.items()},
+                      **{label: {"weights": text.partition("=")[2], "digest": rules[label][1]}
+                         for label, text in zip(rules, args.rule, strict=True)}},
             "config": _shown(Path(args.config)), "family": base,
             "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test,
             "machine": platform.processor() or platform.machine(), "threads": args.threads}

@@ -1,6 +1,7 @@
 """Choose among candidate conv rules on validation-pool tasks that no checkpoint selection has seen.
 
     python benchmarks/conv_select.py runs/conv_s1/checkpoints/*.ckpt conv [--problems 10 5 2] [--num-tasks 16]
+    python benchmarks/conv_select.py conv --problems 10 5 2 --num-tasks 24 --lrs 1 1.33 1.78 2.37 3.16
 
 ``MetaLearner`` keeps the checkpoint with the best ``val/final_loss`` on its 4 validation tasks; picked
 among 40 validations, that number is optimistic (the band of one run's validations is as wide as the
@@ -11,12 +12,19 @@ uses), runs every candidate and the four baselines at the learning rates ``conv_
 of those baselines on these tasks, and on how many tasks a candidate is below it. The test pool stays
 untouched for ``conv_compare``'s final report. Only the loss at the horizon is computed (no curves),
 and results are cached in ``--cache``.
+
+``--lrs`` runs every candidate at each of these update multipliers (``LearnedOptimizer(lr=...)``,
+rows ``WEIGHTS (lr M)``): the calibration of a rule's step size on these tasks, which ``l2l export
+--lr M`` then bakes into the weights. With several problems, a last table gives each candidate's
+ratio to the best baseline per problem and the worst of them: the candidate (and multiplier) with
+the lowest worst ratio is the one that is best everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -49,7 +57,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="conv_compare's results.json: the baselines' tuned learning rates")
     parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_select_cache"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1.0],
+                        help="update multipliers to run every candidate at (default: 1, the rule as meta-trained)")
     args = parser.parse_args(argv)
+    bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
+    if bad:
+        parser.error(f"--lrs {bad}: update multipliers must be finite and > 0")
     torch.set_num_threads(args.threads)
     results = json.loads(Path(args.results).read_text())["results"]
     missing = [k for k in args.problems if str(k) not in results]
@@ -62,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     for weights in args.weights:
         rule, _ = resolve(weights)
         candidates.append((weights, rule.eval().requires_grad_(False), weights_digest(weights), rule_fingerprint(rule)))
+    ratios: dict[str, dict[int, float]] = {}
     for k in args.problems:
         fam = {**base, "classes": PROBLEMS[k], "split": "val"}
         gen = torch.Generator().manual_seed(SELECTION_SEED)
@@ -76,9 +90,14 @@ def main(argv: list[str] | None = None) -> None:
                 lambda name=name, lr=lr, tasks=tasks: [float(baseline_final_loss(name, lr, t, args.horizon)) for t in tasks])
         best = min(finals, key=lambda n: mean_sem(finals[n])[0])
         for weights, rule, wd, fp in candidates:
-            finals[weights] = json_cached(
-                cache, f"rule_{wd}_{fp}_{ident}",
-                lambda rule=rule, tasks=tasks: [float(rule_final_loss(rule, t, args.horizon)) for t in tasks])
+            for lr in args.lrs:
+                # multiplier 1 keeps the cache key (and name) of the runs made before --lrs existed
+                name, key = (weights, "") if lr == 1.0 else (f"{weights} (lr {lr:.3g})", f"_lr{lr:.6g}")
+                finals[name] = json_cached(
+                    cache, f"rule_{wd}_{fp}_{ident}{key}",
+                    lambda rule=rule, tasks=tasks, lr=lr: [
+                        float(rule_final_loss(rule, t, args.horizon, lr=lr)) for t in tasks])
+                ratios.setdefault(name, {})[k] = mean_sem(finals[name])[0] / mean_sem(finals[best])[0]
         print(f"\n{k} classes: loss at step {args.horizon} on {args.num_tasks} selection tasks "
               f"(validation pool, seed stream {SELECTION_SEED}); best baseline here: {best}\n")
         print("| optimizer | mean ± s.e.m. | paired difference to the best baseline | tasks below it |")
@@ -89,6 +108,14 @@ def main(argv: list[str] | None = None) -> None:
             wins = sum(a < b for a, b in zip(values, finals[best], strict=True))
             paired = "-" if name == best else f"{diff:+.4f} ± {diff_sem:.4f}"
             print(f"| {name} | {m:.4f} ± {s:.4f} | {paired} | {'-' if name == best else wins} |", flush=True)
+    if len(args.problems) > 1:
+        print(f"\nratio of the mean loss at step {args.horizon} to the best baseline's, per problem "
+              f"({args.num_tasks} selection tasks each)\n")
+        print(f"| candidate | {' | '.join(f'{k} classes' for k in args.problems)} | worst |")
+        print(f"| --- |{' ---: |' * (len(args.problems) + 1)}")
+        for name in sorted(ratios, key=lambda n: max(ratios[n].values())):
+            cells = " | ".join(f"{ratios[name][k]:.3f}" for k in args.problems)
+            print(f"| {name} | {cells} | {max(ratios[name].values()):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Andrychowicz et al., "Learning to learn by gradient descent by gradient descent"
 """
 
 from lightning_l2l.meta import MetaLearner
-from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule, UpdateRule, load_rule, save_rule
+from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule, ScaledRule, UpdateRule, load_rule, save_rule
 from lightning_l2l.optim import LearnedOptimizer, LearnedOptimizerCallback
 from lightning_l2l.tasks import ModuleTask, ModuleTaskFamily, QuadraticFamily, Task, TaskFamily
 
@@ -17,6 +17,7 @@ __all__ = [
     "UpdateRule",
     "CoordinatewiseLSTM",
     "PerKindRule",
+    "ScaledRule",
     "load_rule",
     "save_rule",
     "Task",

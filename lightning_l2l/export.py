@@ -2,7 +2,12 @@
 
     l2l export --ckpt runs/quadratic/checkpoints/best.ckpt --out lightning_l2l/pretrained/quadratic
 
-The checkpoint is read with ``torch.load(weights_only=True)``: no code from it runs.
+    l2l export --ckpt runs/conv_stage2/checkpoints/best.ckpt --out lightning_l2l/pretrained/conv --lr 1.78
+
+The checkpoint is read with ``torch.load(weights_only=True)``: no code from it runs. ``--lr M``
+exports the rule at a calibrated update multiplier (a :class:`~lightning_l2l.nets.ScaledRule`: the
+updates of ``LearnedOptimizer(lr=M)`` with the checkpoint's rule, at ``lr=1``); choose ``M`` on
+validation tasks, never on the tasks a claim is measured on (``benchmarks/conv_select.py --lrs``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lightning_l2l.nets import UpdateRule, WeightsError, build_rule, save_rule
+from lightning_l2l.nets import ScaledRule, UpdateRule, WeightsError, build_rule, save_rule
 
 __all__ = ["rule_from_checkpoint", "export_checkpoint", "main"]
 
@@ -40,15 +45,27 @@ def rule_from_checkpoint(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
     return rule, ckpt
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, command: str | None = None) -> Path:
-    """Export the rule of a ``MetaLearner`` checkpoint to ``OUT.safetensors`` + ``OUT.json``."""
+def export_checkpoint(
+    ckpt_path: str | Path, out: str | Path, command: str | None = None, lr: float | None = None
+) -> Path:
+    """Export the rule of a ``MetaLearner`` checkpoint to ``OUT.safetensors`` + ``OUT.json``.
+
+    With ``lr``, the rule exported is ``ScaledRule(rule, lr)`` (metadata ``update_multiplier``).
+    """
     rule, ckpt = rule_from_checkpoint(ckpt_path)
+    if lr is not None:
+        try:
+            rule = ScaledRule(rule, lr)
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"--lr {lr}: {err}") from err
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if isinstance(v, (int, float, str, bool))}
     metadata = {
         "source_checkpoint": str(ckpt_path),
         "global_step": int(ckpt.get("global_step", 0)),
         "meta_hparams": hparams,
     }
+    if lr is not None:
+        metadata["update_multiplier"] = float(lr)
     if command:
         metadata["command"] = command
     return save_rule(rule, out, metadata)
@@ -59,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="a MetaLearner checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="output path without extension (writes OUT.safetensors, OUT.json)")
     parser.add_argument("--command", default=None, help="the command that reproduces the checkpoint, stored as metadata")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="export the rule at this update multiplier (a ScaledRule), calibrated on validation tasks")
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.ckpt, args.out, args.command)
+        path = export_checkpoint(args.ckpt, args.out, args.command, args.lr)
     except WeightsError as err:
         raise SystemExit(f"l2l export: {err}") from None
     print(f"wrote {path} and {path.with_suffix('.json')}")

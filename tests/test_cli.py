@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_l2l.cli import L2LCLI, main, run
 from lightning_l2l.export import rule_from_checkpoint
 from lightning_l2l.meta import MetaLearner
-from lightning_l2l.nets import WeightsError, load_rule
+from lightning_l2l.nets import ScaledRule, WeightsError, load_rule
 from tests.image_data import config_data_args
 from tests.wandb_records import history
 
@@ -210,6 +210,24 @@ def test_export_round_trip(tmp_path):
     state = rule.init_state(50)
     torch.testing.assert_close(rule(grad, state), reference(grad, state))
     assert meta["command"] == "l2l fit ..." and meta["global_step"] == 3
+
+
+def test_export_at_a_calibrated_update_multiplier(tmp_path):
+    """``l2l export --lr M`` ships ScaledRule(rule, M): M times the checkpoint rule's updates, recorded in
+    the metadata; a multiplier that is not > 0 is refused with what is wrong and nothing is written."""
+    config = ROOT / "configs" / "meta.yaml"
+    main(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false"])
+    best = next(tmp_path.glob("runs/**/best.ckpt"))
+    main(["export", "--ckpt", str(best), "--out", str(tmp_path / "scaled"), "--lr", "1.78"])
+    rule, meta = load_rule(tmp_path / "scaled")
+    reference, _ = rule_from_checkpoint(best)
+    assert isinstance(rule, ScaledRule) and rule.multiplier == 1.78 and meta["update_multiplier"] == 1.78
+    grad = torch.randn(50)
+    state = rule.init_state(50)
+    torch.testing.assert_close(rule(grad, state)[0], reference(grad, state)[0] * 1.78, rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="Invalid multiplier: 0.0"):
+        main(["export", "--ckpt", str(best), "--out", str(tmp_path / "zero"), "--lr", "0"])
+    assert not list(tmp_path.glob("zero*"))
 
 
 def test_export_refuses_a_corrupt_checkpoint(tmp_path):

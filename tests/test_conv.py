@@ -403,6 +403,52 @@ def test_conv_compare_reports_rules_at_a_tuned_lr(fashion_dir, tmp_path, monkeyp
         compare.main()
 
 
+def test_conv_compare_previous_reuses_baselines_and_carries_rules(fashion_dir, tmp_path):
+    """--previous: a new rule joins an earlier report; the earlier baselines are reused (nothing of theirs
+    is recomputed), its other rules carried over unchanged and marked so; another protocol is refused."""
+    import json
+
+    from lightning_l2l.nets import save_rule
+    from tests.benchmark_scripts import load_benchmark
+
+    compare = load_benchmark("conv_compare")
+    config, weights = _tiny_benchmark_inputs(fashion_dir, tmp_path)
+    common = ["--config", str(config), "--problems", "10", "--horizon", "4", "--num-val", "1", "--num-test", "2"]
+    compare.main([*common, "--rule", f"a={weights}", "--out", str(tmp_path / "one"), "--cache", str(tmp_path / "c1")])
+    torch.manual_seed(1)
+    other = save_rule(CoordinatewiseLSTM(hidden_size=3), tmp_path / "other")
+    previous = tmp_path / "one" / "results.json"
+    compare.main([*common, "--rule", f"b={other}", "--previous", str(previous), "--out", str(tmp_path / "two"),
+                  "--cache", str(tmp_path / "c2")])
+    one, two = json.loads(previous.read_text()), json.loads((tmp_path / "two" / "results.json").read_text())
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "c2").iterdir()) == ["rule", "val"]  # b's only
+    for name in ("sgd", "nag", "rmsprop", "adam", "a"):
+        assert two["results"]["10"]["curves"][name] == one["results"]["10"]["curves"][name]
+    assert two["results"]["10"]["lrs"] == {**one["results"]["10"]["lrs"], "b": None}
+    assert two["meta"]["rules"]["a"]["carried_from"] == str(previous)
+    assert "carried_from" not in two["meta"]["rules"]["b"]
+    assert {r["optimizer"] for r in two["rows"]} == {"a", "b", "sgd", "nag", "rmsprop", "adam"}
+    assert "| 10 classes | a |" in (tmp_path / "two" / "summary.md").read_text()
+    # a rule named again is run afresh, not carried
+    compare.main([*common, "--rule", f"a={other}", "--previous", str(previous), "--out", str(tmp_path / "three"),
+                  "--cache", str(tmp_path / "c3")])
+    three = json.loads((tmp_path / "three" / "results.json").read_text())
+    assert three["results"]["10"]["curves"]["a"] == two["results"]["10"]["curves"]["b"]
+    assert "carried_from" not in three["meta"]["rules"]["a"]
+    # --drop leaves a carried rule out; an unknown label is refused
+    compare.main([*common, "--rule", f"b={other}", "--previous", str(previous), "--drop", "a",
+                  "--out", str(tmp_path / "six"), "--cache", str(tmp_path / "c2")])
+    six = json.loads((tmp_path / "six" / "results.json").read_text())
+    assert set(six["meta"]["rules"]) == {"b"} and "a" not in six["results"]["10"]["curves"]
+    with pytest.raises(SystemExit):
+        compare.main([*common, "--previous", str(previous), "--drop", "nope", "--out", str(tmp_path / "seven")])
+    with pytest.raises(SystemExit, match="another protocol .*horizon"):
+        compare.main([*common[:4], "--horizon", "3", "--num-val", "1", "--num-test", "2", "--previous", str(previous),
+                      "--out", str(tmp_path / "four"), "--cache", str(tmp_path / "c4")])
+    with pytest.raises(SystemExit, match="not a results.json"):
+        compare.main([*common, "--previous", str(config), "--out", str(tmp_path / "five")])
+
+
 def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tmp_path, monkeypatch, capsys):
     """benchmarks/conv_select.py: each candidate's mean loss at the horizon on tasks of the validation pool
     drawn from a seed stream of their own (not conv_compare's validation tasks), beside the baselines at
@@ -439,3 +485,41 @@ def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tm
     with pytest.raises(SystemExit):
         select.main([*args, "--problems", "5"])
     assert "run benchmarks/conv_compare.py" in capsys.readouterr().err
+
+
+def test_conv_select_calibrates_update_multipliers_across_problems(fashion_dir, tmp_path, capsys):
+    """conv_select --lrs: every candidate at every multiplier (rows ``W (lr M)``, the loss of
+    ``rule_curve(..., lr=M)``), then per-candidate ratios to each problem's best baseline and their worst,
+    sorted by it; multipliers that are not > 0 are refused."""
+    from lightning_l2l.pretrained import resolve
+    from tests.benchmark_scripts import load_benchmark
+
+    compare = load_benchmark("conv_compare")
+    select = load_benchmark("conv_select")
+    config, weights = _tiny_benchmark_inputs(fashion_dir, tmp_path)
+    out = tmp_path / "out"
+    compare.main(["--config", str(config), "--problems", "10", "2", "--horizon", "4", "--num-val", "1",
+                  "--num-test", "1", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    capsys.readouterr()
+    args = [str(weights), "--config", str(config), "--horizon", "4", "--num-tasks", "2", "--problems", "10", "2",
+            "--results", str(out / "results.json"), "--cache", str(tmp_path / "select_cache"), "--lrs", "1", "2.5"]
+    select.main(args)
+    table = capsys.readouterr().out
+    rule, _ = resolve(str(weights))
+    family = ConvFamily(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=8, eval_size=10, split="val",
+                        classes=[2, 4])
+    gen = torch.Generator().manual_seed(select.SELECTION_SEED)
+    tasks = [family.sample(gen) for _ in range(2)]
+    expected = sum(float(rule_curve(rule, t, 4, lr=2.5)[-1]) for t in tasks) / 2
+    sections = table.split("\n2 classes")
+    row = next(line for line in sections[1].splitlines() if line.startswith(f"| {weights} (lr 2.5) |"))
+    assert float(row.split("|")[2].split("±")[0]) == pytest.approx(expected, abs=1e-4)
+    ratios = table.split("ratio of the mean loss")[1].splitlines()
+    rows = [line.split("|")[1:-1] for line in ratios if line.startswith(f"| {weights}")]
+    assert {r[0].strip() for r in rows} == {str(weights), f"{weights} (lr 2.5)"}
+    for _, r10, r2, worst in rows:
+        assert float(worst) == max(float(r10), float(r2))
+    assert float(rows[0][3]) <= float(rows[1][3])
+    with pytest.raises(SystemExit):
+        select.main([*args[:-3], "--lrs", "1", "0"])
+    assert "must be finite and > 0" in capsys.readouterr().err

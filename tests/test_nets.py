@@ -17,6 +17,7 @@ from lightning_l2l.nets import (
     CoordinatewiseLSTM,
     KindLayout,
     PerKindRule,
+    ScaledRule,
     UpdateRule,
     WeightsError,
     apply_rule,
@@ -426,6 +427,70 @@ class _Net(nn.Module):
         self.temperature = nn.Parameter(torch.ones(()))
 
 
+# -------------------------------------------------------------------------------------- ScaledRule
+
+
+def _per_kind_lstm() -> PerKindRule:
+    torch.manual_seed(3)
+    return PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=3)}, "fc")
+
+
+def test_scaled_rule_is_the_rule_times_the_multiplier() -> None:
+    """Updates are ``multiplier *`` the inner rule's, to the bit; state, kinds and state init are the inner rule's."""
+    inner = _per_kind_lstm()
+    rule = ScaledRule(inner, 1.78)
+    assert rule.kinds() == ("conv", "fc") and rule.state_dtype() == torch.float32
+    for kind in ("conv", "fc", "norm"):
+        assert_close(rule.init_state(5, kind), inner.init_state(5, kind), rtol=0, atol=0)
+        g, state = _grads(5), torch.randn_like(inner.init_state(5, kind))
+        u, s = rule(g, state, kind)
+        u_ref, s_ref = inner(g, state, kind)
+        assert_close(u, u_ref * 1.78, rtol=0, atol=0)
+        assert_close(s, s_ref, rtol=0, atol=0)
+        assert not torch.equal(u, u_ref)
+
+
+def test_scaled_rule_in_learned_optimizer_equals_lr() -> None:
+    """``LearnedOptimizer(ScaledRule(rule, m))`` trains a model exactly as ``LearnedOptimizer(rule, lr=m)``."""
+    from lightning_l2l.optim import LearnedOptimizer
+
+    inner = _per_kind_lstm()
+    params = []
+    for rule, lr in ((ScaledRule(inner, 2.37), 1.0), (inner, 2.37)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        opt = LearnedOptimizer.from_module(model, rule, lr=lr)
+        torch.manual_seed(1)
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(6, 1, 4, 4)).square().mean().backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params, strict=True):
+        assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("multiplier", "error"),
+    [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+     (True, TypeError), ("2", TypeError)],
+)
+def test_scaled_rule_refuses_bad_multipliers(multiplier: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="multiplier"):
+        ScaledRule(CoordinatewiseLinear(0.1), multiplier)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected an UpdateRule"):
+        ScaledRule(nn.Linear(2, 2), 2.0)  # type: ignore[arg-type]
+
+
+def test_build_rule_scaled_without_inner_rule() -> None:
+    """A ScaledRule config without its inner rule is a WeightsError like any other bad config."""
+    with pytest.raises(WeightsError, match="ScaledRule config needs init_args.rule"):
+        build_rule({"class_path": "ScaledRule", "init_args": {"multiplier": 2.0}})
+    with pytest.raises(WeightsError, match="Invalid multiplier"):
+        build_rule({"class_path": "ScaledRule", "init_args": {"rule": CoordinatewiseLinear(0.1).config(),
+                                                              "multiplier": -2.0}})
+
+
 def test_module_param_kinds_by_layer() -> None:
     """Conv2d -> conv, Linear -> fc, BatchNorm2d -> norm (weights and biases); qualified names."""
     net = _Net()
@@ -473,6 +538,10 @@ def _rules() -> dict[str, UpdateRule]:
             {"conv": CoordinatewiseLSTM(hidden_size=3, num_layers=3), "fc": CoordinatewiseLinear(0.2)},
             default="fc",
         ),
+        "scaled": ScaledRule(
+            PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=3), "fc": CoordinatewiseLinear(0.2)}, default="fc"),
+            1.78,
+        ),
     }
 
 
@@ -483,7 +552,7 @@ def _outputs(rule: UpdateRule, kind: str) -> tuple[Tensor, Tensor]:
     return rule(g * 0.5, state, kind)
 
 
-@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind"])
+@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind", "scaled"])
 def test_save_load_round_trip(tmp_path: Path, name: str) -> None:
     """save_rule/load_rule give a rule with the same config, weights and outputs, and the metadata back."""
     rule = _rules()[name]
@@ -597,7 +666,7 @@ def test_load_weights_of_another_class(tmp_path: Path) -> None:
         load_rule(tmp_path / "r")
 
 
-@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind"])
+@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind", "scaled"])
 def test_config_round_trips_through_build_rule(name: str) -> None:
     """``build_rule(rule.config())`` rebuilds the same architecture; the config is plain JSON."""
     rule = _rules()[name]

@@ -10,6 +10,7 @@ from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
 from lightning_l2l.nets.per_kind import PerKindRule
 from lightning_l2l.nets.preprocess import log_sign, preprocess
+from lightning_l2l.nets.scaled import ScaledRule
 from lightning_l2l.nets.serialization import WeightsError, build_rule, load_rule, save_rule
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "CoordinatewiseLSTM",
     "CoordinatewiseLinear",
     "PerKindRule",
+    "ScaledRule",
     "layer_kind",
     "module_param_kinds",
     "KindLayout",

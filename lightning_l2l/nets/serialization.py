@@ -18,14 +18,15 @@ from lightning_l2l.nets.base import UpdateRule
 from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
 from lightning_l2l.nets.per_kind import PerKindRule
+from lightning_l2l.nets.scaled import ScaledRule
 
 __all__ = ["RULE_CLASSES", "build_rule", "save_rule", "load_rule", "WeightsError"]
 
 RULE_CLASSES: dict[str, type[UpdateRule]] = {
-    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule)
+    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule, ScaledRule)
 }
 # short names are accepted too: "CoordinatewiseLSTM", "lightning_l2l.nets.CoordinatewiseLSTM"
-for _cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule):
+for _cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule, ScaledRule):
     RULE_CLASSES[_cls.__name__] = _cls
     RULE_CLASSES[f"lightning_l2l.nets.{_cls.__name__}"] = _cls
 
@@ -50,6 +51,10 @@ def build_rule(config: dict[str, Any]) -> UpdateRule:
         if not isinstance(networks, dict):
             raise WeightsError(f"PerKindRule config needs init_args.networks, a dict of rule configs; got {networks!r}")
         args["networks"] = {k: build_rule(v) for k, v in networks.items()}
+    if cls is ScaledRule:
+        if not isinstance(args.get("rule"), dict):
+            raise WeightsError(f"ScaledRule config needs init_args.rule, a rule config; got {args.get('rule')!r}")
+        args["rule"] = build_rule(args["rule"])
     try:
         return cls(**args)
     except (TypeError, ValueError) as err:
