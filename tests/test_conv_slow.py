@@ -5,7 +5,10 @@ the tasks of configs/conv.yaml's ``test_family`` (Fashion-MNIST test pool) with 
 problem, the first 32 tasks of ``MetaLearner``'s test seed stream, the loss on 500 fixed images of
 the pool at step 100. The baselines run at the learning rates tuned on the validation tasks. The
 issue's bar is beating the best tuned baseline on the 10-, 5- and 2-class problems: these weights
-meet it on 5 and 2 classes, NOT on 10 (docs/results/conv); the tests pin exactly that.
+(stage 2 of the recipe at a calibrated update multiplier of 1.78) beat it clearly on 5 and 2
+classes and are level with it on 10 (0.99x, the paired difference well within one standard error;
+docs/results/conv); the tests pin exactly that. On another CPU the means move by a few thousandths
+(docs/results/conv/README.md), hence the tolerances.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from lightning_l2l.evaluation import baseline_curve
-from lightning_l2l.nets import PerKindRule
+from lightning_l2l.nets import PerKindRule, ScaledRule
 from lightning_l2l.pretrained import available, resolve
 from lightning_l2l.tasks import ConvFamily
 from lightning_l2l.tasks.images import FASHION_MNIST_DIR
@@ -31,8 +34,8 @@ pytestmark = [
 NUM_TEST = 32
 #: docs/results/conv/summary.md: classes -> (published `conv` mean, best tuned baseline, its lr, its mean)
 PUBLISHED = {
-    10: (0.3959, "nag", 10**-0.75, 0.3857),
-    5: (0.2177, "adam", 10**-2.0, 0.2316),
+    10: (0.3830, "nag", 10**-0.75, 0.3857),
+    5: (0.2058, "adam", 10**-2.0, 0.2316),
     2: (0.0259, "nag", 10**-1.25, 0.0545),
 }
 
@@ -50,12 +53,14 @@ def _test_tasks(classes: int) -> list:
     return [family.sample(gen) for _ in range(NUM_TEST)]
 
 
-def test_shipped_conv_is_the_two_lstm_rule_of_configs_conv_yaml():
+def test_shipped_conv_is_the_calibrated_two_lstm_rule_of_configs_conv_stage2_yaml():
     rule, meta = resolve("conv")
-    assert isinstance(rule, PerKindRule) and set(rule.kinds()) == {"conv", "fc"} and rule.default == "fc"
+    assert isinstance(rule, ScaledRule) and rule.multiplier == meta["update_multiplier"] == 1.78
+    inner = rule.rule
+    assert isinstance(inner, PerKindRule) and set(inner.kinds()) == {"conv", "fc"} and inner.default == "fc"
     hp = meta["meta_hparams"]
-    assert (hp["unroll"], hp["num_val_tasks"], hp["truncations_per_epoch"]) == (50, 4, 60)
-    assert "configs/conv.yaml" in meta["command"]
+    assert (hp["unroll"], hp["num_val_tasks"], hp["truncations_per_epoch"], hp["step_weights"]) == (50, 4, 60, "linear")
+    assert "configs/conv.yaml" in meta["command"] and "configs/conv_stage2.yaml" in meta["command"]
 
 
 @pytest.mark.parametrize("classes", [10, 5, 2])
@@ -68,7 +73,7 @@ def test_shipped_conv_reproduces_its_published_numbers(classes):
     tuned = _mean_final(lambda t: baseline_curve(baseline, lr, t, 100), tasks)
     assert learned == pytest.approx(published, rel=0.03)
     assert tuned == pytest.approx(published_baseline, rel=0.02)
-    if classes in (5, 2):  # the bar, met on these two problems
-        assert learned < tuned
-    else:  # not met on 10 classes (1.03x); what is claimed is "within 5%"
-        assert learned < 1.05 * tuned
+    if classes in (5, 2):  # the bar, met clearly on these two problems
+        assert learned < 0.95 * tuned
+    else:  # level on 10 classes (0.99x); what is claimed is parity, not a win
+        assert learned < 1.02 * tuned

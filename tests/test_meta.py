@@ -295,6 +295,28 @@ def test_init_weights_untie_one_network_into_a_per_kind_rule(tmp_path) -> None:
         MetaLearner(other, fam, init_weights=str(path)).load_init_weights()
 
 
+def test_scaled_rule_fine_tunes_from_calibrated_weights(tmp_path) -> None:
+    """Calibrated weights (a ScaledRule, as `conv` ships) start a MetaLearner whose rule is that ScaledRule;
+    meta-training then changes the inner network and keeps the multiplier."""
+    from lightning_l2l.nets import ScaledRule, save_rule
+
+    torch.manual_seed(1)
+    calibrated = ScaledRule(CoordinatewiseLSTM(hidden_size=8), 1.78)
+    path = save_rule(calibrated, tmp_path / "calibrated")
+    torch.manual_seed(2)
+    model = _small(rule=ScaledRule(CoordinatewiseLSTM(hidden_size=8), 1.78), init_weights=str(path))
+    model.load_init_weights()  # what the fit does at its start
+    for name, value in calibrated.state_dict().items():
+        torch.testing.assert_close(model.rule.state_dict()[name], value, rtol=0, atol=0)
+    _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(model)
+    assert model.rule.multiplier == 1.78
+    moved = [not torch.equal(a, b) for a, b in zip(model.rule.state_dict().values(),
+                                                    calibrated.state_dict().values(), strict=True)]
+    assert any(moved)
+    with pytest.raises(ValueError, match="configure `rule` as the network"):  # the bare network: refused
+        _small(init_weights=str(path)).load_init_weights()
+
+
 def test_init_weights_are_not_read_outside_a_fit_from_scratch(tmp_path) -> None:
     """Testing, validating or loading a checkpoint needs only the checkpoint: init_weights may be gone."""
     fam = QuadraticFamily(dim=3, num_functions=2)
