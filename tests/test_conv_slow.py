@@ -7,8 +7,8 @@ the pool at step 100. The baselines run at the learning rates tuned on the valid
 issue's bar is beating the best tuned baseline on the 10-, 5- and 2-class problems: these weights
 (stage 2 of the recipe at a calibrated update multiplier of 1.78) beat it clearly on 5 and 2
 classes and are level with it on 10 (0.99x, the paired difference well within one standard error;
-docs/results/conv); the tests pin exactly that. On another CPU the means move by a few thousandths
-(docs/results/conv/README.md), hence the tolerances.
+docs/results/conv); the tests pin exactly that. On another CPU the means move by up to about a
+standard error (docs/results/conv/README.md), hence the tolerances.
 """
 
 from __future__ import annotations
@@ -32,12 +32,18 @@ pytestmark = [
 ]
 
 NUM_TEST = 32
-#: docs/results/conv/summary.md: classes -> (published `conv` mean, best tuned baseline, its lr, its mean)
+#: docs/results/conv/summary.md: classes -> (published `conv` mean, its s.e.m., best tuned baseline, its lr,
+#: its mean, its s.e.m.)
 PUBLISHED = {
-    10: (0.3830, "nag", 10**-0.75, 0.3857),
-    5: (0.2058, "adam", 10**-2.0, 0.2316),
-    2: (0.0259, "nag", 10**-1.25, 0.0545),
+    10: (0.3830, 0.0041, "nag", 10**-0.75, 0.3857, 0.0040),
+    5: (0.2058, 0.0025, "adam", 10**-2.0, 0.2316, 0.0036),
+    2: (0.0259, 0.0016, "nag", 10**-1.25, 0.0545, 0.0026),
 }
+#: how far a mean may be from the published one, in its standard errors: on the machine that made the
+#: numbers they are reproduced exactly; another CPU's float kernels move each task's loss at step 100 by
+#: a few percent (docs/results/conv/README.md, "Machines"; tuned NAG on 2 classes: 0.0516 instead of
+#: 0.0545, 1.1 s.e.). The stage-1 rule shipped before is 2.8 s.e. from this rule's 10-class mean.
+TOLERANCE_SEM = 2.0
 
 
 def _mean_final(run, tasks: list) -> float:
@@ -65,14 +71,14 @@ def test_shipped_conv_is_the_calibrated_two_lstm_rule_of_configs_conv_stage2_yam
 
 @pytest.mark.parametrize("classes", [10, 5, 2])
 def test_shipped_conv_reproduces_its_published_numbers(classes):
-    published, baseline, lr, published_baseline = PUBLISHED[classes]
+    published, published_sem, baseline, lr, published_baseline, baseline_sem = PUBLISHED[classes]
     rule, _ = resolve("conv")
     rule.requires_grad_(False)
     tasks = _test_tasks(classes)
     learned = _mean_final(lambda t: rule_curve(rule, t, 100), tasks)
     tuned = _mean_final(lambda t: baseline_curve(baseline, lr, t, 100), tasks)
-    assert learned == pytest.approx(published, rel=0.03)
-    assert tuned == pytest.approx(published_baseline, rel=0.02)
+    assert abs(learned - published) < TOLERANCE_SEM * published_sem
+    assert abs(tuned - published_baseline) < TOLERANCE_SEM * baseline_sem
     if classes in (5, 2):  # the bar, met clearly on these two problems
         assert learned < 0.95 * tuned
     else:  # level on 10 classes (0.99x); what is claimed is parity, not a win
