@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                          for label, entry in carried.items()},
                       **{label: {"weights": text.partition("=")[2], "digest": rules[label][1]}
                          for label, text in zip(rules, args.rule, strict=True)}},
+            "baselines_from": None if previous is None else (previous["meta"].get("baselines_from")
+                                                             or _shown(Path(args.previous))),
             "config": _shown(Path(args.config)), "family": base,
             "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test,
             "machine": platform.processor() or platform.machine(), "threads": args.threads}

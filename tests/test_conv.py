@@ -426,6 +426,7 @@ def test_conv_compare_previous_reuses_baselines_and_carries_rules(fashion_dir, t
         assert two["results"]["10"]["curves"][name] == one["results"]["10"]["curves"][name]
     assert two["results"]["10"]["lrs"] == {**one["results"]["10"]["lrs"], "b": None}
     assert two["meta"]["rules"]["a"]["carried_from"] == str(previous)
+    assert two["meta"]["baselines_from"] == str(previous) and one["meta"]["baselines_from"] is None
     assert "carried_from" not in two["meta"]["rules"]["b"]
     assert {r["optimizer"] for r in two["rows"]} == {"a", "b", "sgd", "nag", "rmsprop", "adam"}
     assert "| 10 classes | a |" in (tmp_path / "two" / "summary.md").read_text()
