@@ -57,6 +57,3 @@ class ScaledRule(UpdateRule):
         update, state = self.rule(grad, state, kind)
         # the same operation as unroll's `u * lr`: bit-identical to running `rule` at lr=multiplier
         return update * self.multiplier, state
-
-    def state_dtype(self) -> torch.dtype:
-        return self.rule.state_dtype()

@@ -22,11 +22,10 @@ from lightning_l2l.nets.scaled import ScaledRule
 
 __all__ = ["RULE_CLASSES", "build_rule", "save_rule", "load_rule", "WeightsError"]
 
-RULE_CLASSES: dict[str, type[UpdateRule]] = {
-    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule, ScaledRule)
-}
+_LOADABLE = (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule, ScaledRule)
+RULE_CLASSES: dict[str, type[UpdateRule]] = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in _LOADABLE}
 # short names are accepted too: "CoordinatewiseLSTM", "lightning_l2l.nets.CoordinatewiseLSTM"
-for _cls in (CoordinatewiseLSTM, CoordinatewiseLinear, PerKindRule, ScaledRule):
+for _cls in _LOADABLE:
     RULE_CLASSES[_cls.__name__] = _cls
     RULE_CLASSES[f"lightning_l2l.nets.{_cls.__name__}"] = _cls
 
