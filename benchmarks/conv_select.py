@@ -2,6 +2,7 @@
 
     python benchmarks/conv_select.py runs/conv_s1/checkpoints/*.ckpt conv [--problems 10 5 2] [--num-tasks 16]
     python benchmarks/conv_select.py conv --problems 10 5 2 --num-tasks 24 --lrs 1 1.33 1.78 2.37 3.16
+    python benchmarks/conv_select.py runs/conv_stage2/checkpoints/best.ckpt --lrs conv=5.62,fc=1.33 conv=3.16,fc=1.78
 
 ``MetaLearner`` keeps the checkpoint with the best ``val/final_loss`` on its 4 validation tasks; picked
 among 40 validations, that number is optimistic (the band of one run's validations is as wide as the
@@ -17,14 +18,15 @@ and results are cached in ``--cache``.
 rows ``WEIGHTS (lr M)``): the calibration of a rule's step size on these tasks, which ``l2l export
 --lr M`` then bakes into the weights. With several problems, a last table gives each candidate's
 ratio to the best baseline per problem and the worst of them: the candidate (and multiplier) with
-the lowest worst ratio is the one that is best everywhere.
+the lowest worst ratio is the one that is best everywhere. A multiplier per parameter kind
+(``--lrs conv=5.62,fc=1.33``, for a ``PerKindRule``) scales each network on its own
+(:func:`lightning_l2l.nets.scale_rule`; ``l2l export --lr conv=5.62,fc=1.33`` ships it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from lightning_l2l.evaluation import (
     rule_fingerprint,
     weights_digest,
 )
+from lightning_l2l.nets import parse_multiplier, scale_rule
 from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily
 from lightning_l2l.trajectory import rule_final_loss
@@ -44,6 +47,11 @@ from conv_compare import BASELINES, LABELS, PROBLEMS, ROOT, VAL_SEED, family_arg
 
 #: MetaLearner's and conv_compare's validation stream is VAL_SEED; this one is 77 further on
 SELECTION_SEED = VAL_SEED + 77
+
+
+def _spec(multipliers: dict[str, float], fmt: str = ".3g") -> str:
+    """``{"conv": 5.62, "fc": 1.33}`` -> ``"conv=5.62,fc=1.33"`` (kinds sorted: one name, one cache key)."""
+    return ",".join(f"{kind}={m:{fmt}}" for kind, m in sorted(multipliers.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,12 +65,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="conv_compare's results.json: the baselines' tuned learning rates")
     parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_select_cache"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1.0],
-                        help="update multipliers to run every candidate at (default: 1, the rule as meta-trained)")
+    parser.add_argument("--lrs", nargs="+", default=["1"],
+                        help="update multipliers to run every candidate at (default: 1, the rule as meta-trained); "
+                             "one per parameter kind for a PerKindRule: conv=5.62,fc=1.33")
     args = parser.parse_args(argv)
-    bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
-    if bad:
-        parser.error(f"--lrs {bad}: update multipliers must be finite and > 0")
+    multipliers = []
+    for text in args.lrs:
+        try:
+            multipliers.append(parse_multiplier(text))
+        except ValueError as err:
+            parser.error(f"--lrs: {err}")
     torch.set_num_threads(args.threads)
     results = json.loads(Path(args.results).read_text())["results"]
     missing = [k for k in args.problems if str(k) not in results]
@@ -74,7 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     candidates = []
     for weights in args.weights:
         rule, _ = resolve(weights)
-        candidates.append((weights, rule.eval().requires_grad_(False), weights_digest(weights), rule_fingerprint(rule)))
+        rule.eval().requires_grad_(False)
+        for m in multipliers:
+            if isinstance(m, dict):
+                try:
+                    scale_rule(rule, m)
+                except ValueError as err:
+                    parser.error(f"--lrs {_spec(m)} for {weights}: {err}")
+        candidates.append((weights, rule, weights_digest(weights), rule_fingerprint(rule)))
     ratios: dict[str, dict[int, float]] = {}
     for k in args.problems:
         fam = {**base, "classes": PROBLEMS[k], "split": "val"}
@@ -90,13 +109,17 @@ def main(argv: list[str] | None = None) -> None:
                 lambda name=name, lr=lr, tasks=tasks: [float(baseline_final_loss(name, lr, t, args.horizon)) for t in tasks])
         best = min(finals, key=lambda n: mean_sem(finals[n])[0])
         for weights, rule, wd, fp in candidates:
-            for lr in args.lrs:
+            for m in multipliers:
                 # multiplier 1 keeps the cache key (and name) of the runs made before --lrs existed
-                name, key = (weights, "") if lr == 1.0 else (f"{weights} (lr {lr:.3g})", f"_lr{lr:.6g}")
+                if isinstance(m, dict):  # per kind: the rule scaled network by network, run at lr 1
+                    name, key, run, lr = f"{weights} (lr {_spec(m)})", f"_lr{_spec(m, '.6g')}", scale_rule(rule, m), 1.0
+                else:
+                    name, key = (weights, "") if m == 1.0 else (f"{weights} (lr {m:.3g})", f"_lr{m:.6g}")
+                    run, lr = rule, m
                 finals[name] = json_cached(
                     cache, f"rule_{wd}_{fp}_{ident}{key}",
-                    lambda rule=rule, tasks=tasks, lr=lr: [
-                        float(rule_final_loss(rule, t, args.horizon, lr=lr)) for t in tasks])
+                    lambda run=run, tasks=tasks, lr=lr: [
+                        float(rule_final_loss(run, t, args.horizon, lr=lr)) for t in tasks])
                 ratios.setdefault(name, {})[k] = mean_sem(finals[name])[0] / mean_sem(finals[best])[0]
         print(f"\n{k} classes: loss at step {args.horizon} on {args.num_tasks} selection tasks "
               f"(validation pool, seed stream {SELECTION_SEED}); best baseline here: {best}\n")

@@ -8,18 +8,21 @@ The checkpoint is read with ``torch.load(weights_only=True)``: no code from it r
 exports the rule at a calibrated update multiplier (a :class:`~lightning_l2l.nets.ScaledRule`: the
 updates of ``LearnedOptimizer(lr=M)`` with the checkpoint's rule, at ``lr=1``); choose ``M`` on
 validation tasks, never on the tasks a claim is measured on (``benchmarks/conv_select.py --lrs``).
+``--lr conv=5.62,fc=1.33`` gives each network of a ``PerKindRule`` its own multiplier
+(:func:`~lightning_l2l.nets.scale_rule`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_l2l.nets import ScaledRule, UpdateRule, WeightsError, build_rule, save_rule
+from lightning_l2l.nets import UpdateRule, WeightsError, build_rule, parse_multiplier, save_rule, scale_rule
 
 __all__ = ["rule_from_checkpoint", "export_checkpoint", "main"]
 
@@ -46,16 +49,21 @@ def rule_from_checkpoint(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, out: str | Path, command: str | None = None, lr: float | None = None
+    ckpt_path: str | Path,
+    out: str | Path,
+    command: str | None = None,
+    lr: float | Mapping[str, float] | None = None,
 ) -> Path:
     """Export the rule of a ``MetaLearner`` checkpoint to ``OUT.safetensors`` + ``OUT.json``.
 
-    With ``lr``, the rule exported is ``ScaledRule(rule, lr)`` (metadata ``update_multiplier``).
+    With ``lr``, the rule exported is ``scale_rule(rule, lr)`` (metadata ``update_multiplier``): a
+    ``ScaledRule`` for a number, a ``PerKindRule`` of ``ScaledRule`` networks for a mapping
+    ``{kind: multiplier}``.
     """
     rule, ckpt = rule_from_checkpoint(ckpt_path)
     if lr is not None:
         try:
-            rule = ScaledRule(rule, lr)
+            rule = scale_rule(rule, lr)
         except (TypeError, ValueError) as err:
             raise WeightsError(f"--lr {lr}: {err}") from err
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if isinstance(v, (int, float, str, bool))}
@@ -65,7 +73,7 @@ def export_checkpoint(
         "meta_hparams": hparams,
     }
     if lr is not None:
-        metadata["update_multiplier"] = float(lr)
+        metadata["update_multiplier"] = dict(lr) if isinstance(lr, Mapping) else float(lr)
     if command:
         metadata["command"] = command
     return save_rule(rule, out, metadata)
@@ -76,11 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="a MetaLearner checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="output path without extension (writes OUT.safetensors, OUT.json)")
     parser.add_argument("--command", default=None, help="the command that reproduces the checkpoint, stored as metadata")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="export the rule at this update multiplier (a ScaledRule), calibrated on validation tasks")
+    parser.add_argument("--lr", default=None,
+                        help="export the rule at this update multiplier (a ScaledRule), calibrated on validation tasks; "
+                             "one per parameter kind for a PerKindRule: --lr conv=5.62,fc=1.33")
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.ckpt, args.out, args.command, args.lr)
+        lr = None if args.lr is None else parse_multiplier(args.lr)
+    except ValueError as err:
+        raise SystemExit(f"l2l export: --lr: {err}") from None
+    try:
+        path = export_checkpoint(args.ckpt, args.out, args.command, lr)
     except WeightsError as err:
         raise SystemExit(f"l2l export: {err}") from None
     print(f"wrote {path} and {path.with_suffix('.json')}")

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_l2l.cli import L2LCLI, main, run
 from lightning_l2l.export import rule_from_checkpoint
 from lightning_l2l.meta import MetaLearner
-from lightning_l2l.nets import ScaledRule, WeightsError, load_rule
+from lightning_l2l.nets import PerKindRule, ScaledRule, WeightsError, load_rule
 from tests.image_data import config_data_args
 from tests.wandb_records import history
 
@@ -228,6 +228,40 @@ def test_export_at_a_calibrated_update_multiplier(tmp_path):
     with pytest.raises(SystemExit, match="Invalid multiplier: 0.0"):
         main(["export", "--ckpt", str(best), "--out", str(tmp_path / "zero"), "--lr", "0"])
     assert not list(tmp_path.glob("zero*"))
+
+
+def test_export_at_per_kind_update_multipliers(tmp_path):
+    """``l2l export --lr conv=A,fc=B`` on a PerKindRule checkpoint ships each network at its own multiplier
+    (metadata: the mapping); on a rule with one network, or with a malformed value, it says what to give
+    instead and writes nothing."""
+    config = ROOT / "configs" / "meta.yaml"
+    rule_yaml = tmp_path / "per_kind.yaml"
+    rule_yaml.write_text(
+        "model:\n  rule:\n    class_path: lightning_l2l.nets.PerKindRule\n    init_args:\n      default: fc\n"
+        "      networks:\n"
+        + "".join(f"        {k}:\n          class_path: lightning_l2l.nets.CoordinatewiseLSTM\n"
+                  "          init_args: {hidden_size: 4}\n" for k in ("conv", "fc"))
+    )
+    main(["fit", "--config", str(config), "--config", str(rule_yaml), *SHRINK, "--trainer.logger=false"])
+    best = next(tmp_path.glob("runs/**/best.ckpt"))
+    main(["export", "--ckpt", str(best), "--out", str(tmp_path / "pk"), "--lr", "conv=5.62,fc=1.33"])
+    rule, meta = load_rule(tmp_path / "pk")
+    reference, _ = rule_from_checkpoint(best)
+    assert isinstance(reference, PerKindRule) and meta["update_multiplier"] == {"conv": 5.62, "fc": 1.33}
+    grad = torch.randn(50)
+    for kind, m in (("conv", 5.62), ("fc", 1.33), ("norm", 1.33)):
+        state = rule.init_state(50, kind)
+        torch.testing.assert_close(rule(grad, state, kind)[0], reference(grad, state, kind)[0] * m, rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="no network for kinds"):
+        main(["export", "--ckpt", str(best), "--out", str(tmp_path / "unknown"), "--lr", "conv=2,norm=3"])
+    with pytest.raises(SystemExit, match="Invalid update multiplier 'conv:2'"):
+        main(["export", "--ckpt", str(best), "--out", str(tmp_path / "typo"), "--lr", "conv:2"])
+    main(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false"])  # the same path, one network
+    one = next(tmp_path.glob("runs/**/best.ckpt"))
+    assert not isinstance(rule_from_checkpoint(one)[0], PerKindRule)
+    with pytest.raises(SystemExit, match="need a PerKindRule"):
+        main(["export", "--ckpt", str(one), "--out", str(tmp_path / "one_pk"), "--lr", "conv=2"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("unknown", "typo", "one_pk"))]
 
 
 def test_export_refuses_a_corrupt_checkpoint(tmp_path):

@@ -456,6 +456,7 @@ def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tm
     the rates conv_compare tuned; a problem conv_compare has not run is refused with what to do."""
     import sys
 
+    from lightning_l2l.nets import scale_rule
     from lightning_l2l.pretrained import resolve
     from tests.benchmark_scripts import load_benchmark
 
@@ -491,7 +492,8 @@ def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tm
 def test_conv_select_calibrates_update_multipliers_across_problems(fashion_dir, tmp_path, capsys):
     """conv_select --lrs: every candidate at every multiplier (rows ``W (lr M)``, the loss of
     ``rule_curve(..., lr=M)``), then per-candidate ratios to each problem's best baseline and their worst,
-    sorted by it; multipliers that are not > 0 are refused."""
+    sorted by it; multipliers that are not > 0 are refused; per-kind multipliers scale each network."""
+    from lightning_l2l.nets import scale_rule
     from lightning_l2l.pretrained import resolve
     from tests.benchmark_scripts import load_benchmark
 
@@ -523,4 +525,14 @@ def test_conv_select_calibrates_update_multipliers_across_problems(fashion_dir, 
     assert float(rows[0][3]) <= float(rows[1][3])
     with pytest.raises(SystemExit):
         select.main([*args[:-3], "--lrs", "1", "0"])
-    assert "must be finite and > 0" in capsys.readouterr().err
+    assert "expected a finite value > 0" in capsys.readouterr().err
+    # one multiplier per parameter kind: the rule scaled network by network (scale_rule), run at lr 1
+    select.main([*args[:-3], "--lrs", "fc=1.5,conv=2.5"])
+    table = capsys.readouterr().out
+    expected = sum(float(rule_curve(scale_rule(rule, {"conv": 2.5, "fc": 1.5}), t, 4)[-1]) for t in tasks) / 2
+    row = next(line for line in table.split("\n2 classes")[1].splitlines()
+               if line.startswith(f"| {weights} (lr conv=2.5,fc=1.5) |"))
+    assert float(row.split("|")[2].split("±")[0]) == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(SystemExit):
+        select.main([*args[:-3], "--lrs", "conv=2,norm=3"])
+    assert "no network for kinds ['norm']" in capsys.readouterr().err

@@ -25,7 +25,9 @@ from lightning_l2l.nets import (
     layer_kind,
     load_rule,
     module_param_kinds,
+    parse_multiplier,
     save_rule,
+    scale_rule,
 )
 from lightning_l2l.nets.lstm import LSTMLayer
 
@@ -489,6 +491,71 @@ def test_build_rule_scaled_without_inner_rule() -> None:
     with pytest.raises(WeightsError, match="Invalid multiplier"):
         build_rule({"class_path": "ScaledRule", "init_args": {"rule": CoordinatewiseLinear(0.1).config(),
                                                               "multiplier": -2.0}})
+
+
+def test_scale_rule_per_kind_scales_each_network() -> None:
+    """``scale_rule(per_kind, {conv: a, fc: b})``: conv updates are ``a *`` the conv network's, every other
+    kind's (fc, and norm through the default) ``b *`` the fc network's, to the bit; the source is left alone."""
+    inner = _per_kind_lstm()
+    before = {k: v.clone() for k, v in inner.state_dict().items()}
+    for source, outer in ((inner, 1.0), (ScaledRule(inner, 2.0), 2.0)):  # a ScaledRule's multiplier is folded in
+        rule = scale_rule(source, {"conv": 5.62, "fc": 1.33})
+        assert isinstance(rule, PerKindRule) and rule.kinds() == ("conv", "fc") and rule.default == "fc"
+        for kind, factor in (("conv", 5.62), ("fc", 1.33), ("norm", 1.33)):
+            assert rule.network_for(kind).multiplier == outer * factor
+            g, state = _grads(5), torch.randn_like(inner.init_state(5, kind))
+            u, s = rule(g, state, kind)
+            u_ref, s_ref = inner(g, state, kind)
+            assert_close(u, u_ref * (outer * factor), rtol=0, atol=0)
+            assert_close(s, s_ref, rtol=0, atol=0)
+    partial = scale_rule(inner, {"conv": 3.0})  # a kind left out keeps its network as it is
+    assert isinstance(partial.networks["conv"], ScaledRule) and isinstance(partial.networks["fc"], CoordinatewiseLSTM)
+    number = scale_rule(inner, 1.78)
+    assert isinstance(number, ScaledRule) and number.multiplier == 1.78
+    for k, v in inner.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert next(rule.parameters()).data_ptr() != next(inner.parameters()).data_ptr()  # copies, not aliases
+
+
+def test_scale_rule_per_kind_round_trips_and_trains_like_kind_lrs(tmp_path: Path) -> None:
+    """Saved and loaded, the per-kind scaled rule trains a model as the inner rule does with those
+    multipliers applied to each kind's updates by hand (LearnedOptimizer with one param group per kind)."""
+    from lightning_l2l.optim import LearnedOptimizer
+
+    inner = _per_kind_lstm()
+    loaded, _ = load_rule(save_rule(scale_rule(inner, {"conv": 4.0, "fc": 0.5}), tmp_path / "pk"))
+    params = []
+    for rule, lrs in ((loaded, {"conv": 1.0, "fc": 1.0}), (inner, {"conv": 4.0, "fc": 0.5})):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Flatten(), nn.Linear(8, 3))
+        groups = [{"params": [model[0].weight], "kind": "conv", "lr": lrs["conv"]},
+                  {"params": list(model[2].parameters()), "kind": "fc", "lr": lrs["fc"]}]
+        opt = LearnedOptimizer(groups, rule)
+        torch.manual_seed(1)
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(6, 1, 4, 4)).square().mean().backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params, strict=True):
+        assert_close(a, b, rtol=0, atol=0)
+
+
+def test_scale_rule_refuses_what_it_cannot_scale() -> None:
+    with pytest.raises(ValueError, match="need a PerKindRule"):
+        scale_rule(CoordinatewiseLSTM(hidden_size=3), {"conv": 2.0})
+    with pytest.raises(ValueError, match=r"no network for kinds \['norm'\]"):
+        scale_rule(_per_kind_lstm(), {"conv": 2.0, "norm": 2.0})
+    with pytest.raises(ValueError, match="multiplier for kind 'fc'"):
+        scale_rule(_per_kind_lstm(), {"fc": -1.0})
+
+
+def test_parse_multiplier() -> None:
+    assert parse_multiplier("1.78") == 1.78
+    assert parse_multiplier(" conv=5.62, fc=1.33 ") == {"conv": 5.62, "fc": 1.33}
+    for bad in ("0", "-2", "nan", "inf", "abc", "conv=", "=2", "conv=2,conv=3", "conv=-1"):
+        with pytest.raises(ValueError, match="Invalid update multiplier.*conv=5.62,fc=1.33"):
+            parse_multiplier(bad)
 
 
 def test_module_param_kinds_by_layer() -> None:

@@ -10,7 +10,7 @@ from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
 from lightning_l2l.nets.per_kind import PerKindRule
 from lightning_l2l.nets.preprocess import log_sign, preprocess
-from lightning_l2l.nets.scaled import ScaledRule
+from lightning_l2l.nets.scaled import ScaledRule, parse_multiplier, scale_rule
 from lightning_l2l.nets.serialization import WeightsError, build_rule, load_rule, save_rule
 
 __all__ = [
@@ -20,6 +20,8 @@ __all__ = [
     "CoordinatewiseLinear",
     "PerKindRule",
     "ScaledRule",
+    "scale_rule",
+    "parse_multiplier",
     "layer_kind",
     "module_param_kinds",
     "KindLayout",
