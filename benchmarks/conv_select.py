@@ -43,7 +43,9 @@ from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily
 from lightning_l2l.trajectory import rule_final_loss
 
-from conv_compare import BASELINES, LABELS, PROBLEMS, ROOT, VAL_SEED, family_args, mean_sem  # isort: skip
+from conv_compare import (  # isort: skip
+    BASELINES, LABELS, PROBLEMS, ROOT, TEST_SEED, VAL_SEED, family_args, mean_sem,
+)
 
 #: MetaLearner's and conv_compare's validation stream is VAL_SEED; this one is 77 further on
 SELECTION_SEED = VAL_SEED + 77
@@ -65,10 +67,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="conv_compare's results.json: the baselines' tuned learning rates")
     parser.add_argument("--cache", default=str(ROOT / "runs" / "conv_select_cache"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="image pool of the tasks: val (selection, the default) or test (a confirmation on fresh "
+                             "test-pool tasks, with --seed other than conv_compare's test stream)")
+    parser.add_argument("--seed", type=int, default=SELECTION_SEED,
+                        help=f"seed of the task stream (default {SELECTION_SEED}, the selection stream)")
     parser.add_argument("--lrs", nargs="+", default=["1"],
                         help="update multipliers to run every candidate at (default: 1, the rule as meta-trained); "
                              "one per parameter kind for a PerKindRule: conv=5.62,fc=1.33")
     args = parser.parse_args(argv)
+    if args.seed in (VAL_SEED, TEST_SEED):
+        parser.error(f"--seed {args.seed} is the seed of conv_compare's validation or test tasks: use another stream")
     multipliers = []
     for text in args.lrs:
         try:
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"{args.results} has no tuned learning rates for the {missing}-class problems; "
                      "run benchmarks/conv_compare.py for them first")
+    what = "selection" if args.split == "val" else "fresh test"
     cache = Path(args.cache)
     base = family_args(Path(args.config))
     candidates = []
@@ -96,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         candidates.append((weights, rule, weights_digest(weights), rule_fingerprint(rule)))
     ratios: dict[str, dict[int, float]] = {}
     for k in args.problems:
-        fam = {**base, "classes": PROBLEMS[k], "split": "val"}
-        gen = torch.Generator().manual_seed(SELECTION_SEED)
+        fam = {**base, "classes": PROBLEMS[k], "split": args.split}
+        gen = torch.Generator().manual_seed(args.seed)
         tasks = [ConvFamily(**fam).sample(gen) for _ in range(args.num_tasks)]
-        ident = digest({"family": fam, "horizon": args.horizon, "num_tasks": args.num_tasks, "seed": SELECTION_SEED})
+        ident = digest({"family": fam, "horizon": args.horizon, "num_tasks": args.num_tasks, "seed": args.seed})
         lrs = results[str(k)]["lrs"]
         finals: dict[str, list[float]] = {}
         for name in BASELINES:
@@ -121,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                     lambda run=run, tasks=tasks, lr=lr: [
                         float(rule_final_loss(run, t, args.horizon, lr=lr)) for t in tasks])
                 ratios.setdefault(name, {})[k] = mean_sem(finals[name])[0] / mean_sem(finals[best])[0]
-        print(f"\n{k} classes: loss at step {args.horizon} on {args.num_tasks} selection tasks "
-              f"(validation pool, seed stream {SELECTION_SEED}); best baseline here: {best}\n")
+        pool = "validation" if args.split == "val" else "test"
+        print(f"\n{k} classes: loss at step {args.horizon} on {args.num_tasks} {what} tasks "
+              f"({pool} pool, seed stream {args.seed}); best baseline here: {best}\n")
         print("| optimizer | mean ± s.e.m. | paired difference to the best baseline | tasks below it |")
         print("| --- | ---: | ---: | ---: |")
         for name, values in finals.items():
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {m:.4f} ± {s:.4f} | {paired} | {'-' if name == best else wins} |", flush=True)
     if len(args.problems) > 1:
         print(f"\nratio of the mean loss at step {args.horizon} to the best baseline's, per problem "
-              f"({args.num_tasks} selection tasks each)\n")
+              f"({args.num_tasks} {what} tasks each)\n")
         print(f"| candidate | {' | '.join(f'{k} classes' for k in args.problems)} | worst |")
         print(f"| --- |{' ---: |' * (len(args.problems) + 1)}")
         for name in sorted(ratios, key=lambda n: max(ratios[n].values())):

@@ -453,10 +453,10 @@ def test_conv_compare_previous_reuses_baselines_and_carries_rules(fashion_dir, t
 def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tmp_path, monkeypatch, capsys):
     """benchmarks/conv_select.py: each candidate's mean loss at the horizon on tasks of the validation pool
     drawn from a seed stream of their own (not conv_compare's validation tasks), beside the baselines at
-    the rates conv_compare tuned; a problem conv_compare has not run is refused with what to do."""
+    the rates conv_compare tuned; a problem conv_compare has not run is refused with what to do; with
+    --split test --seed N, tasks of the test pool from another stream than conv_compare's."""
     import sys
 
-    from lightning_l2l.nets import scale_rule
     from lightning_l2l.pretrained import resolve
     from tests.benchmark_scripts import load_benchmark
 
@@ -487,6 +487,20 @@ def test_conv_select_scores_candidates_on_fresh_validation_tasks(fashion_dir, tm
     with pytest.raises(SystemExit):
         select.main([*args, "--problems", "5"])
     assert "run benchmarks/conv_compare.py" in capsys.readouterr().err
+    # --split test --seed N: a confirmation on fresh tasks of the test pool; conv_compare's own streams refused
+    select.main([*args, "--split", "test", "--seed", "7"])
+    table = capsys.readouterr().out
+    assert "fresh test tasks (test pool, seed stream 7)" in table
+    gen = torch.Generator().manual_seed(7)
+    test_family = ConvFamily(data_dir=fashion_dir, channels=[2, 2, 2], hidden=4, batch_size=8, eval_size=10,
+                             split="test")
+    expected = sum(float(rule_curve(rule, test_family.sample(gen), 4)[-1]) for _ in range(3)) / 3
+    row = next(line for line in table.splitlines() if line.startswith(f"| {weights} |"))
+    assert float(row.split("|")[2].split("±")[0]) == pytest.approx(expected, abs=1e-4)
+    for seed in (compare.VAL_SEED, compare.TEST_SEED):
+        with pytest.raises(SystemExit):
+            select.main([*args, "--split", "test", "--seed", str(seed)])
+        assert "use another stream" in capsys.readouterr().err
 
 
 def test_conv_select_calibrates_update_multipliers_across_problems(fashion_dir, tmp_path, capsys):
