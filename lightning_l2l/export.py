@@ -53,12 +53,15 @@ def export_checkpoint(
     out: str | Path,
     command: str | None = None,
     lr: float | Mapping[str, float] | None = None,
+    kind_map: Mapping[str, str] | None = None,
 ) -> Path:
     """Export the rule of a ``MetaLearner`` checkpoint to ``OUT.safetensors`` + ``OUT.json``.
 
     With ``lr``, the rule exported is ``scale_rule(rule, lr)`` (metadata ``update_multiplier``): a
     ``ScaledRule`` for a number, a ``PerKindRule`` of ``ScaledRule`` networks for a mapping
-    ``{kind: multiplier}``.
+    ``{kind: multiplier}``. The metadata's ``kind_map`` (the routing of parameters to the rule's kinds
+    in meta-training, which ``LearnedOptimizer.from_module`` then applies) is ``kind_map`` if given,
+    else what the checkpoint recorded (``MetaLearner`` records its task family's ``kind_map``).
     """
     rule, ckpt = rule_from_checkpoint(ckpt_path)
     if lr is not None:
@@ -74,6 +77,14 @@ def export_checkpoint(
     }
     if lr is not None:
         metadata["update_multiplier"] = dict(lr) if isinstance(lr, Mapping) else float(lr)
+    if kind_map is None and "l2l_kind_map" in ckpt:
+        kind_map = json.loads(ckpt["l2l_kind_map"])
+    if kind_map is not None:
+        if not (isinstance(kind_map, Mapping)
+                and all(isinstance(k, str) and isinstance(v, str) and v for k, v in kind_map.items())):
+            raise WeightsError(f"kind_map {kind_map!r}: expected a mapping of strings, e.g. "
+                               '{"conv.bias": "fc", "norm": "fc"}')
+        metadata["kind_map"] = dict(kind_map)
     if command:
         metadata["command"] = command
     return save_rule(rule, out, metadata)
@@ -87,13 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", default=None,
                         help="export the rule at this update multiplier (a ScaledRule), calibrated on validation tasks; "
                              "one per parameter kind for a PerKindRule: --lr conv=5.62,fc=1.33")
+    parser.add_argument("--kind-map", default=None,
+                        help="the routing of parameters to the rule's kinds in meta-training, as JSON "
+                             "(e.g. '{\"conv.bias\": \"fc\", \"norm\": \"fc\"}'), for checkpoints that did not "
+                             "record it; LearnedOptimizer.from_module applies it")
     args = parser.parse_args(argv)
     try:
         lr = None if args.lr is None else parse_multiplier(args.lr)
     except ValueError as err:
         raise SystemExit(f"l2l export: --lr: {err}") from None
     try:
-        path = export_checkpoint(args.ckpt, args.out, args.command, lr)
+        kind_map = None if args.kind_map is None else json.loads(args.kind_map)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"l2l export: --kind-map is not JSON ({err}); e.g. '{{\"conv.bias\": \"fc\"}}'") from None
+    try:
+        path = export_checkpoint(args.ckpt, args.out, args.command, lr, kind_map)
     except WeightsError as err:
         raise SystemExit(f"l2l export: {err}") from None
     print(f"wrote {path} and {path.with_suffix('.json')}")

@@ -325,6 +325,59 @@ def test_learned_optimizer_with_routed_groups_matches_meta_training(fashion_dir)
         assert_close(p.detach(), traj.params[name], msg=name)
 
 
+def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_path):
+    """A MetaLearner checkpoint records the family's kind_map, ``l2l export`` ships it in the metadata, and
+    ``LearnedOptimizer.from_module`` applies it: conv biases go to the fc network, as in meta-training, and
+    the steps are meta-training's. ``kind_map={}`` gives the plain layer kinds (conv biases to conv)."""
+    import json
+
+    from lightning.pytorch import Trainer
+
+    from lightning_l2l import LearnedOptimizer, MetaLearner
+    from lightning_l2l.export import export_checkpoint
+    from lightning_l2l.nets import load_rule, module_param_kinds
+
+    family = tiny_family(fashion_dir, batch_norm=False)  # without batch norm the conv layers have biases
+    torch.manual_seed(0)
+    rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
+                       default="fc")
+    learner = MetaLearner(rule, family, horizon=2, unroll=1, truncations_per_epoch=1, num_val_tasks=1,
+                          num_test_tasks=1)
+    trainer = Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(learner)
+    trainer.save_checkpoint(tmp_path / "meta.ckpt")
+    ckpt = torch.load(tmp_path / "meta.ckpt", weights_only=True)
+    assert json.loads(ckpt["l2l_kind_map"]) == DEFAULT_KIND_MAP
+    path = export_checkpoint(tmp_path / "meta.ckpt", tmp_path / "weights", lr={"conv": 2.0, "fc": 0.5})
+    exported, meta = load_rule(path)
+    assert meta["kind_map"] == DEFAULT_KIND_MAP
+
+    task = family.sample(torch.Generator().manual_seed(0))
+    traj = Trajectory.start(exported, task)
+    unroll(exported, traj, 3, differentiable=False)
+    model = family.build_net()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(task.init_params()[name])
+    opt = LearnedOptimizer.from_module(model, str(path))
+    kind_of = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
+    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == routed_kinds(model, family.kind_map)
+    assert kind_of[id(model.conv1.bias)] == "fc"
+    for step in range(3):
+        opt.zero_grad()
+        task.loss(dict(model.named_parameters()), step).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert_close(p.detach(), traj.params[name], msg=name)
+    plain = LearnedOptimizer.from_module(model, str(path), kind_map={})
+    kind_of = {id(p): g["kind"] for g in plain.param_groups for p in g["params"]}
+    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == module_param_kinds(model)
+    assert kind_of[id(model.conv1.bias)] == "conv"
+    with pytest.raises(ValueError, match="Invalid kind_map key 'conv.bias.x'"):
+        LearnedOptimizer.from_module(model, str(path), kind_map={"conv.bias.x": "fc"})
+
+
 # ----------------------------------------------------------- benchmarks/conv_compare.py: the rule's lr
 
 

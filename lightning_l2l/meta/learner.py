@@ -405,6 +405,9 @@ class MetaLearner(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only, so that the checkpoint loads with torch.load(weights_only=True).
         checkpoint["l2l_rule_config"] = json.dumps(self.rule.config())
+        kind_map = getattr(self.task_family, "kind_map", None)
+        if kind_map is not None:  # the routing of parameters to the rule's kinds, for `l2l export` to ship
+            checkpoint["l2l_kind_map"] = json.dumps(dict(kind_map))
         checkpoint["l2l_nonfinite_trajectories"] = self.nonfinite_count
         if self._generator is not None:  # a resumed run continues the task stream, not restarts it
             checkpoint["l2l_task_generator_state"] = self._generator.get_state()

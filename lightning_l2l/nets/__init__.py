@@ -4,7 +4,7 @@ Nothing here knows about tasks, Lightning or ``torch.optim``.
 """
 
 from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
-from lightning_l2l.nets.kinds import layer_kind, module_param_kinds
+from lightning_l2l.nets.kinds import layer_kind, module_param_kinds, route_param_kinds
 from lightning_l2l.nets.layout import KindLayout, apply_rule
 from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
@@ -24,6 +24,7 @@ __all__ = [
     "parse_multiplier",
     "layer_kind",
     "module_param_kinds",
+    "route_param_kinds",
     "KindLayout",
     "apply_rule",
     "log_sign",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
-__all__ = ["KIND_BY_LAYER", "layer_kind", "module_param_kinds"]
+__all__ = ["KIND_BY_LAYER", "check_kind_map", "layer_kind", "module_param_kinds", "route_param_kinds"]
 
 KIND_BY_LAYER: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "conv"),
@@ -33,3 +35,45 @@ def module_param_kinds(module: nn.Module) -> dict[str, str]:
         for p_name, _ in mod.named_parameters(recurse=False):
             kinds[f"{mod_name}.{p_name}" if mod_name else p_name] = kind
     return kinds
+
+
+LAYER_KINDS: frozenset[str] = frozenset({kind for _, kind in KIND_BY_LAYER} | {"other"})
+
+
+def check_kind_map(kind_map: Mapping[str, str], module: nn.Module) -> None:
+    """Raise ``ValueError`` (saying what keys are valid) unless ``kind_map`` can route ``module``'s parameters."""
+    if not isinstance(kind_map, Mapping):
+        raise ValueError(f"Invalid kind_map {kind_map!r}: expected a mapping such as {{'conv.bias': 'fc', 'norm': 'fc'}}")
+    names = {n for n, _ in module.named_parameters()}
+    for key, value in kind_map.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not value:
+            raise ValueError(f"Invalid kind_map entry {key!r}: {value!r} (expected string keys and non-empty kinds)")
+        if key in LAYER_KINDS or key in names:
+            continue
+        head, _, leaf = key.partition(".")
+        if head in LAYER_KINDS and leaf and "." not in leaf:
+            continue
+        raise ValueError(
+            f"Invalid kind_map key {key!r}: expected a layer kind {sorted(LAYER_KINDS)}, "
+            f"'<layer kind>.<weight|bias>' (e.g. 'conv.bias') or a parameter name of the network ({sorted(names)})"
+        )
+
+
+def route_param_kinds(module: nn.Module, kind_map: Mapping[str, str]) -> dict[str, str]:
+    """Kind of every parameter of ``module`` after ``kind_map``, which may send a parameter to another kind.
+
+    A parameter's kind is ``kind_map[name]``, else ``kind_map["<layer kind>.<leaf name>"]`` (e.g.
+    ``"conv.bias"``), else ``kind_map["<layer kind>"]`` (e.g. ``"norm"``), else its layer kind
+    (:func:`module_param_kinds`). ``{}`` routes nothing.
+    """
+    check_kind_map(kind_map, module)
+    out: dict[str, str] = {}
+    for name, kind in module_param_kinds(module).items():
+        leaf = name.rsplit(".", 1)[-1]
+        for key in (name, f"{kind}.{leaf}", kind):
+            if key in kind_map:
+                out[name] = kind_map[key]
+                break
+        else:
+            out[name] = kind
+    return out

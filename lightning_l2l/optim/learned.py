@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_l2l.nets import DEFAULT_KIND, UpdateRule, module_param_kinds
+from lightning_l2l.nets import DEFAULT_KIND, UpdateRule, module_param_kinds, route_param_kinds
 from lightning_l2l.pretrained import Weights, resolve
 
 __all__ = ["LearnedOptimizer", "shape_kind", "param_groups_by_kind"]
@@ -42,21 +42,27 @@ def shape_kind(param: Tensor) -> str:
     return DEFAULT_KIND
 
 
-def param_groups_by_kind(module: nn.Module, params: Iterable[Tensor] | None = None) -> list[dict[str, Any]]:
+def param_groups_by_kind(
+    module: nn.Module, params: Iterable[Tensor] | None = None, kind_map: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Param groups of ``module``, one per kind of owning layer (``conv``, ``fc``, ``norm``, ...).
 
     Kinds come from :func:`lightning_l2l.nets.module_param_kinds` (a bias has the kind of its
-    layer). Parameters of layers the table does not know (kind ``other``) go to a group with
-    ``kind=None``, which falls back to :func:`shape_kind` parameter by parameter.
+    layer), routed by ``kind_map`` where given (:func:`lightning_l2l.nets.route_param_kinds`: e.g.
+    ``{"conv.bias": "fc", "norm": "fc"}``, the routing the shipped ``conv`` weights were meta-trained
+    with). Parameters of layers the table does not know (kind ``other``, unless ``kind_map`` routes
+    them) go to a group with ``kind=None``, which falls back to :func:`shape_kind` parameter by parameter.
 
     Args:
         module: the model.
         params: restrict to these parameters (e.g. those an existing optimizer holds); default:
             every parameter of ``module``. Parameters not in ``module`` go to the ``kind=None`` group.
+        kind_map: routing of layer kinds to the rule's kinds; ``None``: none.
     """
     kind_by_id: dict[int, str] = {}
     named = dict(module.named_parameters(remove_duplicate=False))
-    for name, kind in module_param_kinds(module).items():
+    kinds = module_param_kinds(module) if kind_map is None else route_param_kinds(module, kind_map)
+    for name, kind in kinds.items():
         kind_by_id.setdefault(id(named[name]), kind)
     chosen = list(module.parameters()) if params is None else list(params)
     groups: dict[str | None, list[Tensor]] = {}
@@ -191,6 +197,7 @@ class LearnedOptimizer(Optimizer):
         weights: Weights = "quadratic",
         *,
         params: Iterable[Tensor] | None = None,
+        kind_map: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> LearnedOptimizer:
         """One param group per layer type of ``module`` (see :func:`param_groups_by_kind`).
@@ -199,9 +206,15 @@ class LearnedOptimizer(Optimizer):
             module: the model.
             weights: as for the constructor.
             params: restrict to these parameters (default: all of ``module``'s).
+            kind_map: routing of layer kinds to the rule's kinds (e.g. ``{"conv.bias": "fc"}``).
+                ``None``: the routing the weights were meta-trained with, where their metadata
+                records it (``kind_map``; the shipped ``conv`` sends conv biases and batch-norm
+                parameters to its ``fc`` network), else none. ``{}``: none.
             **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``).
         """
-        return cls(param_groups_by_kind(module, params), weights, **kwargs)
+        if kind_map is None and not isinstance(weights, UpdateRule):
+            kind_map = resolve(weights)[1].get("kind_map")
+        return cls(param_groups_by_kind(module, params, kind_map), weights, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         kind = param_group.get("kind")

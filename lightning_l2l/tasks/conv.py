@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.nets.kinds import KIND_BY_LAYER, module_param_kinds
+from lightning_l2l.nets.kinds import check_kind_map, route_param_kinds
 from lightning_l2l.tasks.base import TaskFamily
 from lightning_l2l.tasks.images import DATASETS, image_pools
 from lightning_l2l.tasks.mnist import SPLITS, stratified_split
@@ -53,7 +53,6 @@ __all__ = ["DEFAULT_KIND_MAP", "ConvTask", "ConvFamily", "conv_net", "routed_kin
 #: the authors' assignment (deepmind/learning-to-learn ``util.py``, problem ``cifar-multi``):
 #: conv kernels -> ``conv``; conv biases, batch-norm parameters and linear layers -> ``fc``
 DEFAULT_KIND_MAP: dict[str, str] = {"conv.bias": "fc", "norm": "fc"}
-_LAYER_KINDS = {kind for _, kind in KIND_BY_LAYER} | {"other"}
 
 
 def conv_net(
@@ -101,22 +100,6 @@ def conv_net(
     return nn.Sequential(layers)
 
 
-def _check_kind_map(kind_map: Mapping[str, str], module: nn.Module) -> None:
-    names = {n for n, _ in module.named_parameters()}
-    for key, value in kind_map.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not value:
-            raise ValueError(f"Invalid kind_map entry {key!r}: {value!r} (expected string keys and non-empty kinds)")
-        if key in _LAYER_KINDS or key in names:
-            continue
-        head, _, leaf = key.partition(".")
-        if head in _LAYER_KINDS and leaf and "." not in leaf:
-            continue
-        raise ValueError(
-            f"Invalid kind_map key {key!r}: expected a layer kind {sorted(_LAYER_KINDS)}, "
-            f"'<layer kind>.<weight|bias>' (e.g. 'conv.bias') or a parameter name of the network ({sorted(names)})"
-        )
-
-
 def routed_kinds(module: nn.Module, kind_map: Mapping[str, str] | None = None) -> dict[str, str]:
     """Kind of every parameter of ``module`` after ``kind_map`` (see the module docstring).
 
@@ -125,18 +108,7 @@ def routed_kinds(module: nn.Module, kind_map: Mapping[str, str] | None = None) -
     Use it for a :class:`~lightning_l2l.LearnedOptimizer` on your own network with the shipped ``conv``
     rule: ``[{"params": [p], "kind": kinds[n]} for n, p in model.named_parameters()]``.
     """
-    kind_map = DEFAULT_KIND_MAP if kind_map is None else kind_map
-    _check_kind_map(kind_map, module)
-    out: dict[str, str] = {}
-    for name, kind in module_param_kinds(module).items():
-        leaf = name.rsplit(".", 1)[-1]
-        for key in (name, f"{kind}.{leaf}", kind):
-            if key in kind_map:
-                out[name] = kind_map[key]
-                break
-        else:
-            out[name] = kind
-    return out
+    return route_param_kinds(module, DEFAULT_KIND_MAP if kind_map is None else kind_map)
 
 
 class ConvTask(ModuleTask):
@@ -238,7 +210,7 @@ class ConvFamily(TaskFamily):
         self.channels, self.kernel_size, self.hidden, self.batch_norm = list(channels), kernel_size, hidden, batch_norm
         self.kind_map = dict(DEFAULT_KIND_MAP if kind_map is None else kind_map)
         self.split_seed = split_seed
-        _check_kind_map(self.kind_map, self.build_net())  # also validates the architecture
+        check_kind_map(self.kind_map, self.build_net())  # also validates the architecture
         self._data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def build_net(self) -> nn.Sequential:
