@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
             multipliers.append(parse_multiplier(text))
         except ValueError as err:
             parser.error(f"--lrs: {err}")
+    labels = [_spec(m) if isinstance(m, dict) else f"{m:.3g}" for m in multipliers]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        parser.error(f"--lrs: {args.lrs} give the same row ({', '.join(twice)}) more than once; "
+                     "give multipliers that differ in their first three digits")
     torch.set_num_threads(args.threads)
     results = json.loads(Path(args.results).read_text())["results"]
     missing = [k for k in args.problems if str(k) not in results]
@@ -121,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         for weights, rule, wd, fp in candidates:
             for m in multipliers:
                 # multiplier 1 keeps the cache key (and name) of the runs made before --lrs existed
-                if isinstance(m, dict):  # per kind: the rule scaled network by network, run at lr 1
-                    name, key, run, lr = f"{weights} (lr {_spec(m)})", f"_lr{_spec(m, '.6g')}", scale_rule(rule, m), 1.0
+                if isinstance(m, dict):  # per kind: the rule scaled network by network (its own fingerprint), at lr 1
+                    run, lr = scale_rule(rule, m), 1.0
+                    name, key = f"{weights} (lr {_spec(m)})", f"_{rule_fingerprint(run)}_lr{_spec(m, '.6g')}"
                 else:
                     name, key = (weights, "") if m == 1.0 else (f"{weights} (lr {m:.3g})", f"_lr{m:.6g}")
                     run, lr = rule, m

@@ -2,7 +2,7 @@
 
     l2l export --ckpt runs/quadratic/checkpoints/best.ckpt --out lightning_l2l/pretrained/quadratic
 
-    l2l export --ckpt runs/conv_stage2/checkpoints/best.ckpt --out lightning_l2l/pretrained/conv --lr 1.78
+    l2l export --ckpt runs/conv_stage2/checkpoints/best.ckpt --out lightning_l2l/pretrained/conv --lr conv=3.16,fc=1.33
 
 The checkpoint is read with ``torch.load(weights_only=True)``: no code from it runs. ``--lr M``
 exports the rule at a calibrated update multiplier (a :class:`~lightning_l2l.nets.ScaledRule`: the

@@ -225,7 +225,7 @@ def test_export_at_a_calibrated_update_multiplier(tmp_path):
     grad = torch.randn(50)
     state = rule.init_state(50)
     torch.testing.assert_close(rule(grad, state)[0], reference(grad, state)[0] * 1.78, rtol=0, atol=0)
-    with pytest.raises(SystemExit, match="Invalid multiplier: 0.0"):
+    with pytest.raises(SystemExit, match="'0' is not a finite value > 0"):
         main(["export", "--ckpt", str(best), "--out", str(tmp_path / "zero"), "--lr", "0"])
     assert not list(tmp_path.glob("zero*"))
 

@@ -592,14 +592,21 @@ def test_conv_select_calibrates_update_multipliers_across_problems(fashion_dir, 
     assert float(rows[0][3]) <= float(rows[1][3])
     with pytest.raises(SystemExit):
         select.main([*args[:-3], "--lrs", "1", "0"])
-    assert "expected a finite value > 0" in capsys.readouterr().err
+    assert "'0' is not a finite value > 0" in capsys.readouterr().err
     # one multiplier per parameter kind: the rule scaled network by network (scale_rule), run at lr 1
-    select.main([*args[:-3], "--lrs", "fc=1.5,conv=2.5"])
+    select.main([*args[:-3], "--lrs", "fc=1.5,conv=2.5", "conv=2.5,fc=0.5"])
     table = capsys.readouterr().out
-    expected = sum(float(rule_curve(scale_rule(rule, {"conv": 2.5, "fc": 1.5}), t, 4)[-1]) for t in tasks) / 2
-    row = next(line for line in table.split("\n2 classes")[1].splitlines()
-               if line.startswith(f"| {weights} (lr conv=2.5,fc=1.5) |"))
-    assert float(row.split("|")[2].split("±")[0]) == pytest.approx(expected, abs=1e-4)
+    means = {}
+    for fc in (1.5, 0.5):
+        expected = sum(float(rule_curve(scale_rule(rule, {"conv": 2.5, "fc": fc}), t, 4)[-1]) for t in tasks) / 2
+        row = next(line for line in table.split("\n2 classes")[1].splitlines()
+                   if line.startswith(f"| {weights} (lr conv=2.5,fc={fc:g}) |"))
+        means[fc] = float(row.split("|")[2].split("±")[0])
+        assert means[fc] == pytest.approx(expected, abs=1e-4)
+    assert means[1.5] != means[0.5]  # the fc multiplier reaches the fc network (and the cache key)
+    with pytest.raises(SystemExit):  # two multipliers that would print as one row
+        select.main([*args[:-3], "--lrs", "2.5", "2.5001"])
+    assert "the same row" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         select.main([*args[:-3], "--lrs", "conv=2,norm=3"])
     assert "no network for kinds ['norm']" in capsys.readouterr().err

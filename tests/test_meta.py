@@ -296,8 +296,8 @@ def test_init_weights_untie_one_network_into_a_per_kind_rule(tmp_path) -> None:
 
 
 def test_scaled_rule_fine_tunes_from_calibrated_weights(tmp_path) -> None:
-    """Calibrated weights (a ScaledRule, as `conv` ships) start a MetaLearner whose rule is that ScaledRule;
-    meta-training then changes the inner network and keeps the multiplier."""
+    """Calibrated weights (a ScaledRule, as `conv` shipped until its per-LSTM calibration) start a MetaLearner
+    whose rule is that ScaledRule; meta-training then changes the inner network and keeps the multiplier."""
     from lightning_l2l.nets import ScaledRule, save_rule
 
     torch.manual_seed(1)

@@ -517,6 +517,24 @@ def test_scale_rule_per_kind_scales_each_network() -> None:
     assert next(rule.parameters()).data_ptr() != next(inner.parameters()).data_ptr()  # copies, not aliases
 
 
+def test_scale_rule_folds_nested_multipliers() -> None:
+    """Multipliers are relative to the rule given: ScaledRules around it or around its networks (the
+    shipped ``conv``'s shape) are folded in, never nested; the updates are the product's."""
+    inner = _per_kind_lstm()
+    shipped_shape = scale_rule(inner, {"conv": 3.0, "fc": 2.0})
+    again = scale_rule(ScaledRule(shipped_shape, 0.5), {"conv": 2.0})
+    conv = again.networks["conv"]  # 0.5 * 3 * 2
+    assert isinstance(conv, ScaledRule) and isinstance(conv.rule, CoordinatewiseLSTM) and conv.multiplier == 3.0
+    assert isinstance(again.networks["fc"], CoordinatewiseLSTM)  # 0.5 * 2: the network itself
+    for kind, factor in (("conv", 3.0), ("fc", 1.0)):
+        g, state = _grads(5), torch.randn_like(inner.init_state(5, kind))
+        assert_close(again(g, state, kind)[0], inner(g, state, kind)[0] * factor)
+    unit = scale_rule(shipped_shape, {"conv": 1 / 3.0, "fc": 0.5})  # back to the meta-trained step sizes
+    assert all(isinstance(unit.networks[k], CoordinatewiseLSTM) for k in ("conv", "fc"))
+    double = scale_rule(ScaledRule(ScaledRule(inner, 2.0), 3.0), 0.5)
+    assert isinstance(double, ScaledRule) and isinstance(double.rule, PerKindRule) and double.multiplier == 3.0
+
+
 def test_scale_rule_per_kind_round_trips_and_trains_like_kind_lrs(tmp_path: Path) -> None:
     """Saved and loaded, the per-kind scaled rule trains a model as the inner rule does with those
     multipliers applied to each kind's updates by hand (LearnedOptimizer with one param group per kind)."""

@@ -66,56 +66,75 @@ def _check_multiplier(value: object, what: str) -> float:
     return float(value)
 
 
+def _unwrap(rule: UpdateRule) -> tuple[float, UpdateRule]:
+    """``(product of the multipliers, innermost rule)`` of nested ``ScaledRule``s (``(1.0, rule)`` for none)."""
+    factor = 1.0
+    while isinstance(rule, ScaledRule):
+        factor, rule = factor * rule.multiplier, rule.rule
+    return factor, rule
+
+
 def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> UpdateRule:
     """``rule`` at a calibrated update multiplier: one for every parameter, or one per parameter kind.
 
     A number gives ``ScaledRule(rule, multiplier)``. A mapping such as ``{"conv": 5.62, "fc": 1.33}``
-    needs a :class:`~lightning_l2l.nets.PerKindRule` (or a ``ScaledRule`` around one, whose multiplier
-    is folded in) and gives a ``PerKindRule`` whose network for each kind is
-    ``ScaledRule(network, multiplier[kind])`` (a kind not in the mapping keeps its network's step
-    size). Section 3.3's two LSTMs are meta-trained jointly, and the step size that is best at the
-    horizon can differ between them; ``benchmarks/conv_select.py --lrs conv=M,fc=M`` measures it.
-    The networks are copied: ``rule`` is left as it was.
+    needs a :class:`~lightning_l2l.nets.PerKindRule` and gives a ``PerKindRule`` whose network for
+    each kind is ``ScaledRule(network, multiplier[kind])`` (a kind not in the mapping keeps its
+    network's step size). Multipliers are relative to ``rule``: a ``ScaledRule`` around it, or around
+    one of its networks (the shipped ``conv``), is folded in, so the result never nests them.
+    Section 3.3's two LSTMs are meta-trained jointly, and the step size that is best at the horizon can
+    differ between them; ``benchmarks/conv_select.py --lrs conv=M,fc=M`` measures it. The networks are
+    copied: ``rule`` is left as it was.
     """
     from lightning_l2l.nets.per_kind import PerKindRule
 
     if not isinstance(rule, UpdateRule):
         raise TypeError(f"rule is a {type(rule).__name__}, expected an UpdateRule")
+    outer, inner = _unwrap(rule)
     if not isinstance(multiplier, Mapping):
-        return ScaledRule(copy.deepcopy(rule), _check_multiplier(multiplier, "multiplier"))
-    outer = 1.0
-    if isinstance(rule, ScaledRule):
-        outer, rule = rule.multiplier, rule.rule
-    if not isinstance(rule, PerKindRule):
+        return ScaledRule(copy.deepcopy(inner), outer * _check_multiplier(multiplier, "multiplier"))
+    if not isinstance(inner, PerKindRule):
         raise ValueError(
             f"per-kind multipliers {dict(multiplier)} need a PerKindRule (one network per parameter kind); "
-            f"this rule is a {type(rule).__name__}: give one number instead"
+            f"this rule is a {type(inner).__name__}: give one number instead"
         )
     factors = {kind: _check_multiplier(m, f"multiplier for kind {kind!r}") for kind, m in multiplier.items()}
-    unknown = sorted(set(factors) - set(rule.networks))
+    unknown = sorted(set(factors) - set(inner.networks))
     if unknown:
-        raise ValueError(f"no network for kinds {unknown}: this PerKindRule's kinds are {sorted(rule.networks)}")
+        raise ValueError(f"no network for kinds {unknown}: this PerKindRule's kinds are {sorted(inner.networks)}")
     networks = {}
-    for kind, net in rule.networks.items():
-        factor = outer * factors.get(kind, 1.0)
-        networks[kind] = copy.deepcopy(net) if factor == 1.0 else ScaledRule(copy.deepcopy(net), factor)
-    return PerKindRule(networks, default=rule.default)
+    for kind, net in inner.networks.items():
+        own, base = _unwrap(net)
+        factor = outer * own * factors.get(kind, 1.0)
+        networks[kind] = copy.deepcopy(base) if factor == 1.0 else ScaledRule(copy.deepcopy(base), factor)
+    return PerKindRule(networks, default=inner.default)
 
 
 def parse_multiplier(text: str) -> float | dict[str, float]:
     """``"1.78"`` -> ``1.78``; ``"conv=5.62,fc=1.33"`` -> ``{"conv": 5.62, "fc": 1.33}`` (see :func:`scale_rule`)."""
-    hint = "expected a number such as 1.78, or one per parameter kind such as conv=5.62,fc=1.33"
+    hint = "give a number such as 1.78, or one per parameter kind such as conv=5.62,fc=1.33"
+
+    def number(value: str, item: str) -> float:
+        try:
+            out = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number") from None
+        if not (math.isfinite(out) and out > 0):
+            raise ValueError(f"{item!r} is not a finite value > 0")
+        return out
+
     text = text.strip()
     try:
         if "=" not in text:
-            return _check_multiplier(float(text), "multiplier")
+            return number(text, text)
         out: dict[str, float] = {}
         for item in text.split(","):
-            kind, _, value = item.partition("=")
-            kind = kind.strip()
-            if not kind or kind in out:
-                raise ValueError(f"empty or repeated kind in {item!r}")
-            out[kind] = _check_multiplier(float(value), f"multiplier for kind {kind!r}")
+            kind, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or not kind:
+                raise ValueError(f"{item.strip()!r} is not kind=value")
+            if kind in out:
+                raise ValueError(f"kind {kind!r} is given twice")
+            out[kind] = number(value, item.strip())
         return out
     except ValueError as err:
-        raise ValueError(f"Invalid update multiplier {text!r}: {err} ({hint})") from None
+        raise ValueError(f"Invalid update multiplier {text!r}: {err}; {hint}") from None
