@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import platform
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--tune-rule-lr names {unknown}, which are not labels of any --rule (labels: {list(rules)})")
     previous = None if args.previous is None else load_previous(
         Path(args.previous), base, args.horizon, args.num_val, args.num_test)
+    # where carried rows come from, identifiable after this run: --previous may be the results.json it overwrites
+    previous_source = None if args.previous is None else (
+        f"{_shown(Path(args.previous))} (sha256 {hashlib.sha256(Path(args.previous).read_bytes()).hexdigest()[:12]})")
     carried: dict[str, Any] = {}  # label -> the previous meta.rules entry, for rules carried over
     if args.drop and previous is None:
         parser.error("--drop leaves out rules carried over from --previous; give --previous too")
@@ -365,12 +369,12 @@ def main(argv: list[str] | None = None) -> None:
             for step in range(args.horizon + 1):
                 writer.writerow([step, *(f"{float(means[n][step]):.6g}" for n in names)])
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    meta = {"rules": {**{label: {**entry, "carried_from": entry.get("carried_from", _shown(Path(args.previous)))}
+    meta = {"rules": {**{label: {**entry, "carried_from": entry.get("carried_from", previous_source)}
                          for label, entry in carried.items()},
                       **{label: {"weights": text.partition("=")[2], "digest": rules[label][1]}
                          for label, text in zip(rules, args.rule, strict=True)}},
             "baselines_from": None if previous is None else (previous["meta"].get("baselines_from")
-                                                             or _shown(Path(args.previous))),
+                                                             or previous_source),
             "config": _shown(Path(args.config)), "family": base,
             "horizon": args.horizon, "num_val": args.num_val, "num_test": args.num_test,
             "machine": platform.processor() or platform.machine(), "threads": args.threads}

@@ -8,6 +8,7 @@ Everything here runs on tiny synthetic files written in the real on-disk formats
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import pickle
 
@@ -478,8 +479,9 @@ def test_conv_compare_previous_reuses_baselines_and_carries_rules(fashion_dir, t
     for name in ("sgd", "nag", "rmsprop", "adam", "a"):
         assert two["results"]["10"]["curves"][name] == one["results"]["10"]["curves"][name]
     assert two["results"]["10"]["lrs"] == {**one["results"]["10"]["lrs"], "b": None}
-    assert two["meta"]["rules"]["a"]["carried_from"] == str(previous)
-    assert two["meta"]["baselines_from"] == str(previous) and one["meta"]["baselines_from"] is None
+    source = f"{previous} (sha256 {hashlib.sha256(previous.read_bytes()).hexdigest()[:12]})"  # survives overwriting
+    assert two["meta"]["rules"]["a"]["carried_from"] == source
+    assert two["meta"]["baselines_from"] == source and one["meta"]["baselines_from"] is None
     assert "carried_from" not in two["meta"]["rules"]["b"]
     assert {r["optimizer"] for r in two["rows"]} == {"a", "b", "sgd", "nag", "rmsprop", "adam"}
     assert "| 10 classes | a |" in (tmp_path / "two" / "summary.md").read_text()
