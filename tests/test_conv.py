@@ -346,7 +346,7 @@ def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_pa
 
     from lightning_l2l import LearnedOptimizer, MetaLearner
     from lightning_l2l.export import export_checkpoint
-    from lightning_l2l.nets import load_rule, module_param_kinds
+    from lightning_l2l.nets import load_rule, module_param_kinds, save_rule
 
     family = tiny_family(fashion_dir, batch_norm=False)  # without batch norm the conv layers have biases
     torch.manual_seed(0)
@@ -379,6 +379,11 @@ def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_pa
     assert kind_of[id(model.conv1.bias)] == "conv"
     with pytest.raises(ValueError, match="Invalid kind_map key 'conv.bias.x'"):
         LearnedOptimizer.from_module(model, str(path), kind_map={"conv.bias.x": "fc"})
+    # a recorded entry naming a parameter of the meta-training net does not apply to another net: left out
+    named = save_rule(exported, tmp_path / "named", {**meta, "kind_map": {**DEFAULT_KIND_MAP, "head.weight": "conv"}})
+    opt = LearnedOptimizer.from_module(model, str(named))
+    kind_of = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
+    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == routed_kinds(model, DEFAULT_KIND_MAP)
 
 
 # ----------------------------------------------------------- benchmarks/conv_compare.py: the rule's lr

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-__all__ = ["KIND_BY_LAYER", "check_kind_map", "layer_kind", "module_param_kinds", "route_param_kinds"]
+__all__ = ["KIND_BY_LAYER", "check_kind_map", "layer_kind", "module_param_kinds", "portable_kind_map", "route_param_kinds"]
 
 KIND_BY_LAYER: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "conv"),
@@ -40,6 +40,17 @@ def module_param_kinds(module: nn.Module) -> dict[str, str]:
 LAYER_KINDS: frozenset[str] = frozenset({kind for _, kind in KIND_BY_LAYER} | {"other"})
 
 
+def _is_layer_key(key: str) -> bool:
+    head, _, leaf = key.partition(".")
+    return key in LAYER_KINDS or (head in LAYER_KINDS and bool(leaf) and "." not in leaf)
+
+
+def portable_kind_map(kind_map: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``kind_map`` that apply to any network: layer kinds (``"norm"``) and
+    ``"<layer kind>.<leaf>"`` (``"conv.bias"``), without those naming a parameter of one network."""
+    return {key: value for key, value in kind_map.items() if isinstance(key, str) and _is_layer_key(key)}
+
+
 def check_kind_map(kind_map: Mapping[str, str], module: nn.Module) -> None:
     """Raise ``ValueError`` (saying what keys are valid) unless ``kind_map`` can route ``module``'s parameters."""
     if not isinstance(kind_map, Mapping):
@@ -48,10 +59,7 @@ def check_kind_map(kind_map: Mapping[str, str], module: nn.Module) -> None:
     for key, value in kind_map.items():
         if not isinstance(key, str) or not isinstance(value, str) or not value:
             raise ValueError(f"Invalid kind_map entry {key!r}: {value!r} (expected string keys and non-empty kinds)")
-        if key in LAYER_KINDS or key in names:
-            continue
-        head, _, leaf = key.partition(".")
-        if head in LAYER_KINDS and leaf and "." not in leaf:
+        if key in names or _is_layer_key(key):
             continue
         raise ValueError(
             f"Invalid kind_map key {key!r}: expected a layer kind {sorted(LAYER_KINDS)}, "

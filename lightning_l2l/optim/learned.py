@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_l2l.nets import DEFAULT_KIND, UpdateRule, module_param_kinds, route_param_kinds
+from lightning_l2l.nets.kinds import portable_kind_map
 from lightning_l2l.pretrained import Weights, resolve
 
 __all__ = ["LearnedOptimizer", "shape_kind", "param_groups_by_kind"]
@@ -209,11 +210,14 @@ class LearnedOptimizer(Optimizer):
             kind_map: routing of layer kinds to the rule's kinds (e.g. ``{"conv.bias": "fc"}``).
                 ``None``: the routing the weights were meta-trained with, where their metadata
                 records it (``kind_map``; the shipped ``conv`` sends conv biases and batch-norm
-                parameters to its ``fc`` network), else none. ``{}``: none.
+                parameters to its ``fc`` network; entries that name parameters of the meta-training
+                network are left out), else none. ``{}``: none.
             **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``).
         """
         if kind_map is None and not isinstance(weights, UpdateRule):
-            kind_map = resolve(weights)[1].get("kind_map")
+            recorded = resolve(weights)[1].get("kind_map")
+            # entries naming parameters of the meta-training network do not apply to this one
+            kind_map = None if recorded is None else portable_kind_map(recorded)
         return cls(param_groups_by_kind(module, params, kind_map), weights, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
