@@ -56,6 +56,11 @@ def _spec(multipliers: dict[str, float], fmt: str = ".3g") -> str:
     return ",".join(f"{kind}={m:{fmt}}" for kind, m in sorted(multipliers.items()))
 
 
+def _label(multiplier: float | dict[str, float]) -> str:
+    """How a multiplier is named in a row: ``1.78`` or ``conv=5.62,fc=1.33``."""
+    return _spec(multiplier) if isinstance(multiplier, dict) else f"{multiplier:.3g}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("weights", nargs="+", help="shipped names, .safetensors files or MetaLearner .ckpt files")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             multipliers.append(parse_multiplier(text))
         except ValueError as err:
             parser.error(f"--lrs: {err}")
-    labels = [_spec(m) if isinstance(m, dict) else f"{m:.3g}" for m in multipliers]
+    labels = [_label(m) for m in multipliers]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
         parser.error(f"--lrs: {args.lrs} give the same row ({', '.join(twice)}) more than once; "
@@ -98,17 +103,24 @@ def main(argv: list[str] | None = None) -> None:
     what = "selection" if args.split == "val" else "fresh test"
     cache = Path(args.cache)
     base = family_args(Path(args.config))
-    candidates = []
+    # (row name, cache key, rule to run, lr) for every candidate at every multiplier, built once
+    runs: list[tuple[str, str, torch.nn.Module, float]] = []
     for weights in args.weights:
         rule, _ = resolve(weights)
         rule.eval().requires_grad_(False)
+        prefix = f"rule_{weights_digest(weights)}_{rule_fingerprint(rule)}_"
         for m in multipliers:
-            if isinstance(m, dict):
+            if isinstance(m, dict):  # per kind: the rule scaled network by network (its own fingerprint), at lr 1
                 try:
-                    scale_rule(rule, m)
+                    scaled = scale_rule(rule, m)
                 except ValueError as err:
                     parser.error(f"--lrs {_spec(m)} for {weights}: {err}")
-        candidates.append((weights, rule, weights_digest(weights), rule_fingerprint(rule)))
+                runs.append((f"{weights} (lr {_label(m)})",
+                             f"{prefix}{{ident}}_{rule_fingerprint(scaled)}_lr{_spec(m, '.6g')}", scaled, 1.0))
+            elif m == 1.0:  # keeps the cache key (and name) of the runs made before --lrs existed
+                runs.append((weights, f"{prefix}{{ident}}", rule, 1.0))
+            else:
+                runs.append((f"{weights} (lr {_label(m)})", f"{prefix}{{ident}}_lr{m:.6g}", rule, m))
     ratios: dict[str, dict[int, float]] = {}
     for k in args.problems:
         fam = {**base, "classes": PROBLEMS[k], "split": args.split}
@@ -123,20 +135,11 @@ def main(argv: list[str] | None = None) -> None:
                 cache, f"baseline_{name}_{lr:.6g}_{ident}",
                 lambda name=name, lr=lr, tasks=tasks: [float(baseline_final_loss(name, lr, t, args.horizon)) for t in tasks])
         best = min(finals, key=lambda n: mean_sem(finals[n])[0])
-        for weights, rule, wd, fp in candidates:
-            for m in multipliers:
-                # multiplier 1 keeps the cache key (and name) of the runs made before --lrs existed
-                if isinstance(m, dict):  # per kind: the rule scaled network by network (its own fingerprint), at lr 1
-                    run, lr = scale_rule(rule, m), 1.0
-                    name, key = f"{weights} (lr {_spec(m)})", f"_{rule_fingerprint(run)}_lr{_spec(m, '.6g')}"
-                else:
-                    name, key = (weights, "") if m == 1.0 else (f"{weights} (lr {m:.3g})", f"_lr{m:.6g}")
-                    run, lr = rule, m
-                finals[name] = json_cached(
-                    cache, f"rule_{wd}_{fp}_{ident}{key}",
-                    lambda run=run, tasks=tasks, lr=lr: [
-                        float(rule_final_loss(run, t, args.horizon, lr=lr)) for t in tasks])
-                ratios.setdefault(name, {})[k] = mean_sem(finals[name])[0] / mean_sem(finals[best])[0]
+        for name, key, run, lr in runs:
+            finals[name] = json_cached(
+                cache, key.format(ident=ident),
+                lambda run=run, tasks=tasks, lr=lr: [float(rule_final_loss(run, t, args.horizon, lr=lr)) for t in tasks])
+            ratios.setdefault(name, {})[k] = mean_sem(finals[name])[0] / mean_sem(finals[best])[0]
         pool = "validation" if args.split == "val" else "test"
         print(f"\n{k} classes: loss at step {args.horizon} on {args.num_tasks} {what} tasks "
               f"({pool} pool, seed stream {args.seed}); best baseline here: {best}\n")
