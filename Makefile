@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow lint bench clean
+.PHONY: venv demo test test-slow lint bench gpu-bundle clean
 
 venv: $(STAMP)
 
@@ -42,5 +42,16 @@ lint: venv
 bench: venv
 	$(PY) benchmarks/meta_train_speed.py
 
+# What benchmarks/gpu_check.sh needs on a GPU machine without network (its header says how it is used):
+# the wheels of jsonargparse[signatures] at this venv's versions, and the Fashion-MNIST idx files.
+GPU_WHEELS := jsonargparse docstring-parser typeshed-client
+gpu-bundle: venv
+	rm -rf .gpu && mkdir -p .gpu/wheels .gpu/fashion-mnist
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .gpu/wheels \
+		$$(for p in $(GPU_WHEELS); do echo "$$p==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$p'))")"; done)
+	cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
+	du -sh .gpu
+
 clean:
-	rm -rf $(VENV) runs wandb lightning_logs
+	rm -rf $(VENV) runs wandb lightning_logs .gpu

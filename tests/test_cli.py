@@ -91,6 +91,7 @@ def test_last_ckpt_after_a_validation_that_did_not_improve(tmp_path):
 
 @pytest.mark.parametrize("previous, stage", [
     ("mnist.yaml", "mnist_stage2.yaml"), ("mnist_stage2.yaml", "mnist_stage3.yaml"), ("conv.yaml", "conv_stage2.yaml"),
+    ("conv_one_lstm.yaml", "conv_one_lstm_stage2.yaml"),
 ])
 def test_stages_chain_best_checkpoints(previous, stage):
     """A later stage starts from the best checkpoint that the previous stage's config writes, on the same tasks."""
@@ -104,6 +105,22 @@ def test_stages_chain_best_checkpoints(previous, stage):
         assert doc["model"][family] == prev_doc["model"][family]
     assert doc["model"]["rule"] == prev_doc["model"]["rule"]
     assert doc["trainer"]["default_root_dir"] != prev_doc["trainer"]["default_root_dir"]  # writes elsewhere
+
+
+def test_one_lstm_stage2_differs_from_the_two_lstm_stage2_only_in_rule_and_paths():
+    """The one-LSTM ablation goes through the same stage-2 recipe as the shipped two-LSTM rule."""
+    import yaml
+
+    one = yaml.safe_load((ROOT / "configs/conv_one_lstm_stage2.yaml").read_text())
+    two = yaml.safe_load((ROOT / "configs/conv_stage2.yaml").read_text())
+    assert one["model"]["rule"]["class_path"].endswith("CoordinatewiseLSTM")
+    assert one["model"]["rule"] == two["model"]["rule"]["init_args"]["networks"]["conv"]
+    for section in ("model", "trainer"):
+        a, b = dict(one[section]), dict(two[section])
+        for key in ("rule", "init_weights", "default_root_dir", "logger", "callbacks"):
+            a.pop(key, None), b.pop(key, None)
+        assert a == b, section
+    assert one["seed_everything"] == two["seed_everything"]
 
 
 def test_conv_untie_starts_both_lstms_from_the_one_lstm_run():

@@ -241,3 +241,22 @@ def test_grad_scaler_unscales_before_clipping_and_skips_overflows(tmp_path):
     assert len(norms) == 6 and len(finite) >= 4
     assert max(finite) < 1e3, norms  # scaled by 2^16 - 2^15 they would be tens of thousands
     assert torch.isfinite(_flat(model.rule)).all()
+
+
+def test_gpu_check_script_names_tests_and_benchmarks_that_exist():
+    """benchmarks/gpu_check.sh (the prepared GPU run) is valid bash, and every test and script it runs exists."""
+    import re
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks/gpu_check.sh").read_text()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(root / "benchmarks/gpu_check.sh")], check=True)
+    node_ids = re.findall(r"(tests/\w+\.py)::(\w+)", script)
+    assert len(node_ids) >= 2
+    for path, name in node_ids:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name} is gone"
+        assert "cuda" in name or "gpu" in name or "devices" in name
+    for bench in re.findall(r"benchmarks/(\w+\.py)", script):
+        assert (root / "benchmarks" / bench).is_file(), bench

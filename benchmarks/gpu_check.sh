@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 5 as one prepared script, for a session that is lent a GPU machine.
+#
+#   make gpu-bundle              # here: .gpu/ = the wheels the GPU image lacks + Fashion-MNIST (~32 MB)
+#   bash benchmarks/gpu_check.sh # there, from the repository root (device tool: carry .gpu)
+#
+# The GPU image has python3 with torch, lightning, torchmetrics, safetensors, matplotlib and pytest, but
+# not jsonargparse (LightningCLI), and no network: `make gpu-bundle` downloads jsonargparse and its
+# signature extras as wheels into .gpu/wheels and copies the Fashion-MNIST idx files into
+# .gpu/fashion-mnist. This script installs the wheels into /tmp (nothing else is changed), puts the
+# idx files where the conv tasks read them if they are not there, then runs, each writing to $OUT
+# (default runs/gpu_check):
+#   env.txt                      GPU, driver, torch / CUDA / lightning / jsonargparse versions
+#   cuda_tests.txt               the CUDA-only tests (skipped on CPU machines and in CI)
+#   precision_throughput.{md,json}  meta-training throughput on the conv task: 32-true, bf16-mixed, 16-mixed
+#   step_time.{md,json}          LearnedOptimizer.step against Adam on CUDA, 10k ... 10M parameters
+# About 5 minutes on an H200. Exit status: non-zero if any step failed; every step runs regardless.
+# A dry run on a CPU machine (the CUDA tests skip): THROUGHPUT_ARGS="--accelerator cpu --steps 2 --warmup 1"
+# STEP_TIME_ARGS="--device cpu --sizes 1e4" bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/l2l_site \
+        .gpu/wheels/*.whl || exit 1
+    export PYTHONPATH=/tmp/l2l_site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && compgen -G ".gpu/fashion-mnist/*.gz" > /dev/null; then
+    mkdir -p "$FMNIST" && cp .gpu/fashion-mnist/*.gz "$FMNIST/"
+fi
+
+status=0
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    "$PY" -c "import torch, lightning, jsonargparse, lightning_l2l
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+print('lightning', lightning.__version__, 'jsonargparse', jsonargparse.__version__)"
+} 2>&1 | tee "$OUT/env.txt" || status=1
+"$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/test_distributed.py::test_mixed_precision_meta_training_on_gpu \
+    tests/test_optim.py::test_state_dict_across_devices 2>&1 | tee "$OUT/cuda_tests.txt" || status=1
+"$PY" benchmarks/precision_throughput.py ${THROUGHPUT_ARGS:-} --json "$OUT/precision_throughput.json" 2>&1 \
+    | tee "$OUT/precision_throughput.md" || status=1
+"$PY" benchmarks/step_time.py ${STEP_TIME_ARGS:---device cuda} --json "$OUT/step_time.json" 2>&1 | tee "$OUT/step_time.md" || status=1
+exit $status
