@@ -19,7 +19,8 @@ rows ``WEIGHTS (lr M)``): the calibration of a rule's step size on these tasks, 
 --lr M`` then bakes into the weights. With several problems, a last table gives each candidate's
 ratio to the best baseline per problem and the worst of them: the candidate (and multiplier) with
 the lowest worst ratio is the one that is best everywhere. A multiplier per parameter kind
-(``--lrs conv=5.62,fc=1.33``, for a ``PerKindRule``) scales each network on its own
+(``--lrs conv=5.62,fc=1.33``) scales each network of a ``PerKindRule`` on its own (a one-LSTM rule: a
+copy of it per kind)
 (:func:`lightning_l2l.nets.scale_rule`; ``l2l export --lr conv=5.62,fc=1.33`` ships it).
 """
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"seed of the task stream (default {SELECTION_SEED}, the selection stream)")
     parser.add_argument("--lrs", nargs="+", default=["1"],
                         help="update multipliers to run every candidate at (default: 1, the rule as meta-trained); "
-                             "one per parameter kind for a PerKindRule: conv=5.62,fc=1.33")
+                             "or one per parameter kind: conv=5.62,fc=1.33")
     args = parser.parse_args(argv)
     if args.seed in (VAL_SEED, TEST_SEED):
         parser.error(f"--seed {args.seed} is the seed of conv_compare's validation or test tasks: use another stream")

@@ -8,8 +8,8 @@ The checkpoint is read with ``torch.load(weights_only=True)``: no code from it r
 exports the rule at a calibrated update multiplier (a :class:`~lightning_l2l.nets.ScaledRule`: the
 updates of ``LearnedOptimizer(lr=M)`` with the checkpoint's rule, at ``lr=1``); choose ``M`` on
 validation tasks, never on the tasks a claim is measured on (``benchmarks/conv_select.py --lrs``).
-``--lr conv=5.62,fc=1.33`` gives each network of a ``PerKindRule`` its own multiplier
-(:func:`~lightning_l2l.nets.scale_rule`).
+``--lr conv=5.62,fc=1.33`` gives each network of a ``PerKindRule`` its own multiplier, and a rule with
+one network a copy of it per named kind (:func:`~lightning_l2l.nets.scale_rule`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def export_checkpoint(
 
     With ``lr``, the rule exported is ``scale_rule(rule, lr)`` (metadata ``update_multiplier``): a
     ``ScaledRule`` for a number, a ``PerKindRule`` of ``ScaledRule`` networks for a mapping
-    ``{kind: multiplier}``. The metadata's ``kind_map`` (the routing of parameters to the rule's kinds
+    ``{kind: multiplier}`` (for a one-network rule: a copy of the network per named kind). The metadata's ``kind_map`` (the routing of parameters to the rule's kinds
     in meta-training, which ``LearnedOptimizer.from_module`` then applies) is ``kind_map`` if given,
     else what the checkpoint recorded (``MetaLearner`` records its task family's ``kind_map``).
     """
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--command", default=None, help="the command that reproduces the checkpoint, stored as metadata")
     parser.add_argument("--lr", default=None,
                         help="export the rule at this update multiplier (a ScaledRule), calibrated on validation tasks; "
-                             "one per parameter kind for a PerKindRule: --lr conv=5.62,fc=1.33")
+                             "or one per parameter kind: --lr conv=5.62,fc=1.33")
     parser.add_argument("--kind-map", default=None,
                         help="the routing of parameters to the rule's kinds in meta-training, as JSON "
                              "(e.g. '{\"conv.bias\": \"fc\", \"norm\": \"fc\"}'), for checkpoints that did not "

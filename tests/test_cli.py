@@ -249,8 +249,8 @@ def test_export_at_a_calibrated_update_multiplier(tmp_path):
 
 def test_export_at_per_kind_update_multipliers(tmp_path):
     """``l2l export --lr conv=A,fc=B`` on a PerKindRule checkpoint ships each network at its own multiplier
-    (metadata: the mapping); on a rule with one network, or with a malformed value, it says what to give
-    instead and writes nothing."""
+    (metadata: the mapping), and a rule with one network as a copy per named kind; with an unknown kind or
+    a malformed value it says what to give instead and writes nothing."""
     config = ROOT / "configs" / "meta.yaml"
     rule_yaml = tmp_path / "per_kind.yaml"
     rule_yaml.write_text(
@@ -276,9 +276,15 @@ def test_export_at_per_kind_update_multipliers(tmp_path):
     main(["fit", "--config", str(config), *SHRINK, "--trainer.logger=false"])  # the same path, one network
     one = next(tmp_path.glob("runs/**/best.ckpt"))
     assert not isinstance(rule_from_checkpoint(one)[0], PerKindRule)
-    with pytest.raises(SystemExit, match="need a PerKindRule"):
-        main(["export", "--ckpt", str(one), "--out", str(tmp_path / "one_pk"), "--lr", "conv=2"])
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("unknown", "typo", "one_pk"))]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("unknown", "typo"))]
+    # one network for every kind: a copy per named kind at its multiplier, the rest at the rule's own step
+    main(["export", "--ckpt", str(one), "--out", str(tmp_path / "one_pk"), "--lr", "conv=2,fc=0.5"])
+    rule, meta = load_rule(tmp_path / "one_pk")
+    reference, _ = rule_from_checkpoint(one)
+    assert isinstance(rule, PerKindRule) and meta["update_multiplier"] == {"conv": 2.0, "fc": 0.5}
+    for kind, m in (("conv", 2.0), ("fc", 0.5), ("norm", 1.0)):
+        state = rule.init_state(50, kind)
+        torch.testing.assert_close(rule(grad, state, kind)[0], reference(grad, state, kind)[0] * m, rtol=0, atol=0)
 
 
 def test_export_refuses_a_corrupt_checkpoint(tmp_path):

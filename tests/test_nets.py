@@ -556,9 +556,24 @@ def test_scale_rule_per_kind_round_trips_and_trains_like_kind_lrs(tmp_path: Path
         assert_close(a, b, rtol=0, atol=0)
 
 
+def test_scale_rule_gives_a_one_network_rule_a_step_size_per_kind() -> None:
+    """One LSTM for every kind, per-kind multipliers: a copy per named kind at its multiplier, every other
+    kind at the rule's own step size (an outer ScaledRule folded in); the rule itself is left as it was."""
+    one = CoordinatewiseLSTM(hidden_size=3)
+    before = {k: v.clone() for k, v in one.state_dict().items()}
+    for rule, outer in ((one, 1.0), (ScaledRule(one, 1.5), 1.5)):
+        scaled = scale_rule(rule, {"conv": 4.0, "fc": 0.5})
+        assert isinstance(scaled, PerKindRule) and scaled.default == DEFAULT_KIND
+        grad = torch.randn(40)
+        for kind, m in (("conv", 4.0 * outer), ("fc", 0.5 * outer), ("norm", outer), (DEFAULT_KIND, outer)):
+            state = one.init_state(40, kind)
+            assert_close(scaled(grad, state, kind)[0], one(grad, state, kind)[0] * m, rtol=1e-6, atol=0)
+        folded = [n for n in scaled.networks.values() if isinstance(n, ScaledRule)]
+        assert all(not isinstance(n.rule, ScaledRule) for n in folded)
+    assert all(torch.equal(v, one.state_dict()[k]) for k, v in before.items())
+
+
 def test_scale_rule_refuses_what_it_cannot_scale() -> None:
-    with pytest.raises(ValueError, match="need a PerKindRule"):
-        scale_rule(CoordinatewiseLSTM(hidden_size=3), {"conv": 2.0})
     with pytest.raises(ValueError, match=r"no network for kinds \['norm'\]"):
         scale_rule(_per_kind_lstm(), {"conv": 2.0, "norm": 2.0})
     with pytest.raises(ValueError, match="multiplier for kind 'fc'"):

@@ -78,9 +78,11 @@ def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> Upd
     """``rule`` at a calibrated update multiplier: one for every parameter, or one per parameter kind.
 
     A number gives ``ScaledRule(rule, multiplier)``. A mapping such as ``{"conv": 5.62, "fc": 1.33}``
-    needs a :class:`~lightning_l2l.nets.PerKindRule` and gives a ``PerKindRule`` whose network for
-    each kind is ``ScaledRule(network, multiplier[kind])`` (a kind not in the mapping keeps its
-    network's step size). Multipliers are relative to ``rule``: a ``ScaledRule`` around it, or around
+    gives a :class:`~lightning_l2l.nets.PerKindRule`: for a ``PerKindRule``, its network for each kind
+    as ``ScaledRule(network, multiplier[kind])`` (a kind not in the mapping keeps its network's step
+    size); for a rule with one network for every kind (one LSTM), a copy of that network per named
+    kind at its multiplier, and the network itself, at its own step size, for every other kind (as
+    kind ``DEFAULT_KIND``, the default). The same weights then take a step size of their own per kind. Multipliers are relative to ``rule``: a ``ScaledRule`` around it, or around
     one of its networks (the shipped ``conv``), is folded in, so the result never nests them.
     Section 3.3's two LSTMs are meta-trained jointly, and the step size that is best at the horizon can
     differ between them; ``benchmarks/conv_select.py --lrs conv=M,fc=M`` measures it. The networks are
@@ -93,12 +95,16 @@ def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> Upd
     outer, inner = _unwrap(rule)
     if not isinstance(multiplier, Mapping):
         return ScaledRule(copy.deepcopy(inner), outer * _check_multiplier(multiplier, "multiplier"))
-    if not isinstance(inner, PerKindRule):
-        raise ValueError(
-            f"per-kind multipliers {dict(multiplier)} need a PerKindRule (one network per parameter kind); "
-            f"this rule is a {type(inner).__name__}: give one number instead"
-        )
     factors = {kind: _check_multiplier(m, f"multiplier for kind {kind!r}") for kind, m in multiplier.items()}
+    if not isinstance(inner, PerKindRule):
+        # one network for every kind: each named kind gets its own copy of it at its multiplier, every
+        # other kind the network at the rule's own step size (under DEFAULT_KIND, the default)
+        base = copy.deepcopy(inner) if outer == 1.0 else ScaledRule(copy.deepcopy(inner), outer)
+        networks = {DEFAULT_KIND: base}
+        for kind, m in factors.items():
+            factor = outer * m
+            networks[kind] = copy.deepcopy(inner) if factor == 1.0 else ScaledRule(copy.deepcopy(inner), factor)
+        return PerKindRule(networks, default=DEFAULT_KIND)
     unknown = sorted(set(factors) - set(inner.networks))
     if unknown:
         raise ValueError(f"no network for kinds {unknown}: this PerKindRule's kinds are {sorted(inner.networks)}")
