@@ -19,8 +19,8 @@ rows ``WEIGHTS (lr M)``): the calibration of a rule's step size on these tasks, 
 --lr M`` then bakes into the weights. With several problems, a last table gives each candidate's
 ratio to the best baseline per problem and the worst of them: the candidate (and multiplier) with
 the lowest worst ratio is the one that is best everywhere. A multiplier per parameter kind
-(``--lrs conv=5.62,fc=1.33``) scales each network of a ``PerKindRule`` on its own (a one-LSTM rule: a
-copy of it per kind)
+(``--lrs conv=5.62,fc=1.33``) scales each network of a ``PerKindRule`` on its own; a one-LSTM rule gets
+a copy of it per named kind, other kinds at x1 unless ``default=M`` is named too
 (:func:`lightning_l2l.nets.scale_rule`; ``l2l export --lr conv=5.62,fc=1.33`` ships it).
 """
 

@@ -59,9 +59,11 @@ def export_checkpoint(
 
     With ``lr``, the rule exported is ``scale_rule(rule, lr)`` (metadata ``update_multiplier``): a
     ``ScaledRule`` for a number, a ``PerKindRule`` of ``ScaledRule`` networks for a mapping
-    ``{kind: multiplier}`` (for a one-network rule: a copy of the network per named kind). The metadata's ``kind_map`` (the routing of parameters to the rule's kinds
-    in meta-training, which ``LearnedOptimizer.from_module`` then applies) is ``kind_map`` if given,
-    else what the checkpoint recorded (``MetaLearner`` records its task family's ``kind_map``).
+    ``{kind: multiplier}`` (for a one-network rule: a copy of the network per named kind, and kind
+    ``default`` for the rest; see :func:`~lightning_l2l.nets.scale_rule`). The metadata's
+    ``kind_map`` (the routing of parameters to the rule's kinds in meta-training, which
+    ``LearnedOptimizer.from_module`` then applies) is ``kind_map`` if given, else what the checkpoint
+    recorded (``MetaLearner`` records its task family's ``kind_map``).
     """
     rule, ckpt = rule_from_checkpoint(ckpt_path)
     if lr is not None:

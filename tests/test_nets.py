@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -571,6 +572,42 @@ def test_scale_rule_gives_a_one_network_rule_a_step_size_per_kind() -> None:
         folded = [n for n in scaled.networks.values() if isinstance(n, ScaledRule)]
         assert all(not isinstance(n.rule, ScaledRule) for n in folded)
     assert all(torch.equal(v, one.state_dict()[k]) for k, v in before.items())
+    # naming "default" sets the step size of every other kind (vectors without a group kind, norm, ...)
+    scaled = scale_rule(one, {"conv": 3.0, "fc": 2.0, DEFAULT_KIND: 2.0})
+    grad = torch.randn(40)
+    for kind, m in (("conv", 3.0), ("fc", 2.0), ("norm", 2.0), (DEFAULT_KIND, 2.0)):
+        state = one.init_state(40, kind)
+        assert_close(scaled(grad, state, kind)[0], one(grad, state, kind)[0] * m, rtol=1e-6, atol=0)
+
+
+def test_one_network_rule_at_per_kind_multipliers_in_learned_optimizer() -> None:
+    """In LearnedOptimizer each param group goes to its kind's copy: a group without a kind by shape
+    (conv kernels: conv, matrices: fc, vectors: default), layer kinds the mapping does not name to default."""
+    from lightning_l2l import LearnedOptimizer
+
+    one = CoordinatewiseLSTM(hidden_size=3)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    x = torch.randn(4, 1, 4, 4)
+
+    def updates(rule, groups):
+        m = copy.deepcopy(model)
+        params = dict(m.named_parameters())
+        opt = LearnedOptimizer([{"params": [params[n] for n in names], "kind": kind} for kind, names in groups], rule)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        m(x).pow(2).mean().backward()
+        opt.step()
+        return {n: params[n].detach() - before[n] for n in params}
+
+    names = [n for n, _ in model.named_parameters()]
+    scaled = scale_rule(one, {"conv": 3.0, "fc": 2.0})
+    expected = {"0.weight": 3.0, "0.bias": 1.0, "1.weight": 1.0, "1.bias": 1.0, "3.weight": 2.0, "3.bias": 1.0}
+    for groups in ([(None, names)], [("conv", ["0.weight"]), ("norm", ["1.weight", "1.bias"]),
+                                     ("fc", ["3.weight", "3.bias", "0.bias"])]):
+        ours, ref = updates(scaled, groups), updates(one, groups)
+        for n in names:
+            m = expected[n] if groups[0][0] is None else {"conv": 3.0, "norm": 1.0, "fc": 2.0}[
+                next(k for k, ns in groups if n in ns)]
+            assert_close(ours[n], ref[n] * m, rtol=1e-5, atol=1e-7)
 
 
 def test_scale_rule_refuses_what_it_cannot_scale() -> None:

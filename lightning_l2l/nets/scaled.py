@@ -78,12 +78,20 @@ def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> Upd
     """``rule`` at a calibrated update multiplier: one for every parameter, or one per parameter kind.
 
     A number gives ``ScaledRule(rule, multiplier)``. A mapping such as ``{"conv": 5.62, "fc": 1.33}``
-    gives a :class:`~lightning_l2l.nets.PerKindRule`: for a ``PerKindRule``, its network for each kind
-    as ``ScaledRule(network, multiplier[kind])`` (a kind not in the mapping keeps its network's step
-    size); for a rule with one network for every kind (one LSTM), a copy of that network per named
-    kind at its multiplier, and the network itself, at its own step size, for every other kind (as
-    kind ``DEFAULT_KIND``, the default). The same weights then take a step size of their own per kind. Multipliers are relative to ``rule``: a ``ScaledRule`` around it, or around
-    one of its networks (the shipped ``conv``), is folded in, so the result never nests them.
+    gives a :class:`~lightning_l2l.nets.PerKindRule`:
+
+    - for a ``PerKindRule``: its network for each kind as ``ScaledRule(network, multiplier[kind])``
+      (a kind not in the mapping keeps its network's step size; kinds without a network of their own
+      go to its default network, as before);
+    - for a rule with one network for every kind (one LSTM): a copy of that network per named kind at
+      its multiplier, and, for every other kind, the network under kind ``DEFAULT_KIND``
+      (``"default"``), the result's default, at its own step size unless the mapping names
+      ``"default"`` too. Vectors in a param group without a kind (``shape_kind``) and layer kinds the
+      mapping does not name (``norm``, ``embedding``, ...) go there, so give it the step size they
+      should have: ``{"conv": 3.16, "fc": 1.78, "default": 1.78}`` (``--lr conv=3.16,fc=1.78,default=1.78``).
+
+    Multipliers are relative to ``rule``: a ``ScaledRule`` around it, or around one of its networks
+    (the shipped ``conv``), is folded in, so the result never nests them.
     Section 3.3's two LSTMs are meta-trained jointly, and the step size that is best at the horizon can
     differ between them; ``benchmarks/conv_select.py --lrs conv=M,fc=M`` measures it. The networks are
     copied: ``rule`` is left as it was.
@@ -98,7 +106,7 @@ def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> Upd
     factors = {kind: _check_multiplier(m, f"multiplier for kind {kind!r}") for kind, m in multiplier.items()}
     if not isinstance(inner, PerKindRule):
         # one network for every kind: each named kind gets its own copy of it at its multiplier, every
-        # other kind the network at the rule's own step size (under DEFAULT_KIND, the default)
+        # other kind the network under DEFAULT_KIND, the default (its own step size unless named)
         base = copy.deepcopy(inner) if outer == 1.0 else ScaledRule(copy.deepcopy(inner), outer)
         networks = {DEFAULT_KIND: base}
         for kind, m in factors.items():
