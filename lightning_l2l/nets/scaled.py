@@ -66,6 +66,11 @@ def _check_multiplier(value: object, what: str) -> float:
     return float(value)
 
 
+def _scaled_copy(rule: UpdateRule, factor: float) -> UpdateRule:
+    """A copy of ``rule`` at ``factor`` (a plain copy at 1)."""
+    return copy.deepcopy(rule) if factor == 1.0 else ScaledRule(copy.deepcopy(rule), factor)
+
+
 def _unwrap(rule: UpdateRule) -> tuple[float, UpdateRule]:
     """``(product of the multipliers, innermost rule)`` of nested ``ScaledRule``s (``(1.0, rule)`` for none)."""
     factor = 1.0
@@ -88,7 +93,8 @@ def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> Upd
       (``"default"``), the result's default, at its own step size unless the mapping names
       ``"default"`` too. Vectors in a param group without a kind (``shape_kind``) and layer kinds the
       mapping does not name (``norm``, ``embedding``, ...) go there, so give it the step size they
-      should have: ``{"conv": 3.16, "fc": 1.78, "default": 1.78}`` (``--lr conv=3.16,fc=1.78,default=1.78``).
+      should have: ``{"conv": 3.16, "fc": 1.78, "default": 1.78}``
+      (``--lr conv=3.16,fc=1.78,default=1.78``).
 
     Multipliers are relative to ``rule``: a ``ScaledRule`` around it, or around one of its networks
     (the shipped ``conv``), is folded in, so the result never nests them.
@@ -105,22 +111,16 @@ def scale_rule(rule: UpdateRule, multiplier: float | Mapping[str, float]) -> Upd
         return ScaledRule(copy.deepcopy(inner), outer * _check_multiplier(multiplier, "multiplier"))
     factors = {kind: _check_multiplier(m, f"multiplier for kind {kind!r}") for kind, m in multiplier.items()}
     if not isinstance(inner, PerKindRule):
-        # one network for every kind: each named kind gets its own copy of it at its multiplier, every
-        # other kind the network under DEFAULT_KIND, the default (its own step size unless named)
-        base = copy.deepcopy(inner) if outer == 1.0 else ScaledRule(copy.deepcopy(inner), outer)
-        networks = {DEFAULT_KIND: base}
-        for kind, m in factors.items():
-            factor = outer * m
-            networks[kind] = copy.deepcopy(inner) if factor == 1.0 else ScaledRule(copy.deepcopy(inner), factor)
-        return PerKindRule(networks, default=DEFAULT_KIND)
+        # one network for every kind: a copy per named kind, and the default for the others
+        kinds = {DEFAULT_KIND: 1.0, **factors}
+        return PerKindRule({kind: _scaled_copy(inner, outer * m) for kind, m in kinds.items()}, default=DEFAULT_KIND)
     unknown = sorted(set(factors) - set(inner.networks))
     if unknown:
         raise ValueError(f"no network for kinds {unknown}: this PerKindRule's kinds are {sorted(inner.networks)}")
     networks = {}
     for kind, net in inner.networks.items():
         own, base = _unwrap(net)
-        factor = outer * own * factors.get(kind, 1.0)
-        networks[kind] = copy.deepcopy(base) if factor == 1.0 else ScaledRule(copy.deepcopy(base), factor)
+        networks[kind] = _scaled_copy(base, outer * own * factors.get(kind, 1.0))
     return PerKindRule(networks, default=inner.default)
 
 
