@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_l2l.nets import UpdateRule, WeightsError, build_rule, parse_multiplier, save_rule, scale_rule
+from lightning_l2l.nets.kinds import check_kind_map
 
 __all__ = ["rule_from_checkpoint", "export_checkpoint", "main"]
 
@@ -82,10 +83,10 @@ def export_checkpoint(
     if kind_map is None and "l2l_kind_map" in ckpt:
         kind_map = json.loads(ckpt["l2l_kind_map"])
     if kind_map is not None:
-        if not (isinstance(kind_map, Mapping)
-                and all(isinstance(k, str) and isinstance(v, str) and v for k, v in kind_map.items())):
-            raise WeightsError(f"kind_map {kind_map!r}: expected a mapping of strings, e.g. "
-                               '{"conv.bias": "fc", "norm": "fc"}')
+        try:
+            check_kind_map(kind_map)
+        except ValueError as err:
+            raise WeightsError(str(err)) from None
         metadata["kind_map"] = dict(kind_map)
     if command:
         metadata["command"] = command

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKindRule
+from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKindRule, WeightsError
 from lightning_l2l.tasks import ConvFamily, ConvTask
 from lightning_l2l.tasks.conv import DEFAULT_KIND_MAP, conv_net, routed_kinds
 from lightning_l2l.tasks.images import FASHION_MNIST_DIR, fashion_mnist, image_pools, load_images, read_idx
@@ -363,6 +363,10 @@ def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_pa
     path = export_checkpoint(tmp_path / "meta.ckpt", tmp_path / "weights", lr={"conv": 2.0, "fc": 0.5})
     exported, meta = load_rule(path)
     assert meta["kind_map"] == DEFAULT_KIND_MAP
+    for bad in ({"conv.bias": ""}, {"conv.bias": 1}, ["conv.bias"]):  # refused, nothing written
+        with pytest.raises(WeightsError, match="Invalid kind_map"):
+            export_checkpoint(tmp_path / "meta.ckpt", tmp_path / "bad", kind_map=bad)
+    assert not list(tmp_path.glob("bad*"))
 
     def from_module(model: nn.Module) -> LearnedOptimizer:
         opt = LearnedOptimizer.from_module(model, str(path))

@@ -51,15 +51,19 @@ def portable_kind_map(kind_map: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in kind_map.items() if isinstance(key, str) and _is_layer_key(key)}
 
 
-def check_kind_map(kind_map: Mapping[str, str], module: nn.Module) -> None:
-    """Raise ``ValueError`` (saying what keys are valid) unless ``kind_map`` can route ``module``'s parameters."""
+def check_kind_map(kind_map: Mapping[str, str], module: nn.Module | None = None) -> None:
+    """Raise ``ValueError`` (saying what keys are valid) unless ``kind_map`` can route ``module``'s parameters.
+
+    Without ``module``, only its form is checked (string keys, non-empty string kinds): a map recorded
+    with weights may name parameters of the network it was meta-trained on.
+    """
     if not isinstance(kind_map, Mapping):
         raise ValueError(f"Invalid kind_map {kind_map!r}: expected a mapping such as {{'conv.bias': 'fc', 'norm': 'fc'}}")
-    names = {n for n, _ in module.named_parameters()}
+    names = set() if module is None else {n for n, _ in module.named_parameters()}
     for key, value in kind_map.items():
         if not isinstance(key, str) or not isinstance(value, str) or not value:
             raise ValueError(f"Invalid kind_map entry {key!r}: {value!r} (expected string keys and non-empty kinds)")
-        if key in names or _is_layer_key(key):
+        if module is None or key in names or _is_layer_key(key):
             continue
         raise ValueError(
             f"Invalid kind_map key {key!r}: expected a layer kind {sorted(LAYER_KINDS)}, "
