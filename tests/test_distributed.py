@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_l2l import LearnedOptimizerCallback
+from lightning_l2l import LearnedOptimizerCallback, _distributed
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import CoordinatewiseLSTM
 from lightning_l2l.tasks import QuadraticFamily
@@ -69,6 +69,7 @@ class _RecordRanks(Callback):
         })
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.rows.append({"exit_cleanup": _distributed._registered})
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
 
 
@@ -83,6 +84,8 @@ def test_ddp_meta_training_two_ranks(tmp_path, fresh_master_port):
     trainer.fit(model)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    # each rank destroys its gloo group at exit (else a rank may abort in interpreter shutdown)
+    assert rank0.pop() == rank1.pop() == {"exit_cleanup": True}
     assert [r["step"] for r in rank0] == [1, 2, 3, 4]
     # the rule's weights are identical on both ranks after every meta-step
     assert all(r["max_weight_diff"] == 0.0 for r in rank0 + rank1)
@@ -131,7 +134,8 @@ class _RecordParams(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         (self.out / f"params{trainer.global_rank}.json").write_text(
-            json.dumps({"diffs": self.diffs, "optimizers": sorted(self.optimizers)}))
+            json.dumps({"diffs": self.diffs, "optimizers": sorted(self.optimizers),
+                        "exit_cleanup": _distributed._registered}))
 
 
 def test_learned_optimizer_under_ddp_keeps_ranks_identical(tmp_path, fresh_master_port):
@@ -145,6 +149,30 @@ def test_learned_optimizer_under_ddp_keeps_ranks_identical(tmp_path, fresh_maste
         seen = json.loads((tmp_path / f"params{rank}.json").read_text())
         assert seen["optimizers"] == ["LearnedOptimizer"]
         assert len(seen["diffs"]) == 6 and max(seen["diffs"]) == 0.0
+        assert seen["exit_cleanup"]  # the gloo group is destroyed at exit, before interpreter shutdown
+
+
+def test_process_group_is_destroyed_at_exit_once(monkeypatch):
+    """Lightning destroys the default process group at exit only for NCCL; a live gloo group can abort the rank
+    with SIGABRT during interpreter shutdown. The handler is registered once, only with a group, and destroys it."""
+    import atexit
+
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(_distributed, "_registered", False)
+    assert not _distributed.destroy_process_group_at_exit() and registered == []  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_network_port()}", rank=0, world_size=1)
+    try:
+        assert _distributed.destroy_process_group_at_exit() and _distributed.destroy_process_group_at_exit()
+        assert len(registered) == 1
+        registered[0]()  # what the interpreter runs at exit
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_bf16_mixed_meta_training_on_cpu(tmp_path):

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
 
+from lightning_l2l._distributed import destroy_process_group_at_exit
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
 from lightning_l2l.nets import PerKindRule, UpdateRule
 from lightning_l2l.tasks import BatchedTask, Task, TaskFamily
@@ -218,6 +219,7 @@ class MetaLearner(L.LightningModule):
         test_gen = torch.Generator().manual_seed(seed + _TEST_SEED_OFFSET)
         self.val_tasks = [self.eval_family.sample(val_gen) for _ in range(self.hparams.num_val_tasks)]
         self.test_tasks = [self.test_family.sample(test_gen) for _ in range(self.hparams.num_test_tasks)]
+        destroy_process_group_at_exit()  # gloo ranks would otherwise abort at exit (lightning_l2l._distributed)
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         opt = torch.optim.Adam(self.rule.parameters(), lr=self.hparams.meta_lr)

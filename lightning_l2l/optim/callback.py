@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_l2l._distributed import destroy_process_group_at_exit
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.optim.learned import LearnedOptimizer
 from lightning_l2l.pretrained import Weights, resolve
@@ -95,6 +96,7 @@ class LearnedOptimizerCallback(Callback):
                 "LearnedOptimizerCallback to take over. Remove the callback and create "
                 "lightning_l2l.LearnedOptimizer.from_module(self, weights=...) in configure_optimizers instead."
             )
+        destroy_process_group_at_exit()  # gloo ranks would otherwise abort at exit (lightning_l2l._distributed)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
