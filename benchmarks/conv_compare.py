@@ -203,10 +203,13 @@ def plot(results: dict[int, dict[str, Any]], learned: list[str], path: Path) -> 
     plt.close(fig)
 
 
-def load_previous(path: Path, family: dict[str, Any], horizon: int, num_val: int, num_test: int) -> dict[str, Any]:
-    """An earlier ``results.json``, checked to be of this protocol (else ``SystemExit`` saying what differs)."""
+def load_previous(path: Path, family: dict[str, Any], horizon: int, num_val: int,
+                  num_test: int) -> tuple[dict[str, Any], str]:
+    """An earlier ``results.json``, checked to be of this protocol (else ``SystemExit`` saying what differs),
+    and the first 12 hex digits of the sha256 of the bytes it was parsed from (the file is read once)."""
     try:
-        previous = json.loads(path.read_text())
+        data = path.read_bytes()
+        previous = json.loads(data)
         meta = previous["meta"]
         if not isinstance(previous["results"], dict):
             raise TypeError("results is not a mapping")
@@ -218,7 +221,7 @@ def load_previous(path: Path, family: dict[str, Any], horizon: int, num_val: int
         raise SystemExit(f"--previous {path} was run with another protocol ({', '.join(differs)} differ: "
                          f"{ {k: meta.get(k) for k in differs} } here { {k: ours[k] for k in differs} }); "
                          "its numbers cannot join these. Leave --previous out to run everything afresh.")
-    return previous
+    return previous, hashlib.sha256(data).hexdigest()[:12]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,11 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.tune_rule_lr or ()) - set(rules))
     if unknown:
         parser.error(f"--tune-rule-lr names {unknown}, which are not labels of any --rule (labels: {list(rules)})")
-    previous = None if args.previous is None else load_previous(
-        Path(args.previous), base, args.horizon, args.num_val, args.num_test)
-    # where carried rows come from, identifiable after this run: --previous may be the results.json it overwrites
-    previous_source = None if args.previous is None else (
-        f"{_shown(Path(args.previous))} (sha256 {hashlib.sha256(Path(args.previous).read_bytes()).hexdigest()[:12]})")
+    previous, previous_source = None, None
+    if args.previous is not None:
+        previous, previous_sha = load_previous(Path(args.previous), base, args.horizon, args.num_val, args.num_test)
+        # where carried rows come from, identifiable after this run: --previous may be the results.json it overwrites
+        previous_source = f"{_shown(Path(args.previous))} (sha256 {previous_sha})"
     carried: dict[str, Any] = {}  # label -> the previous meta.rules entry, for rules carried over
     if args.drop and previous is None:
         parser.error("--drop leaves out rules carried over from --previous; give --previous too")

@@ -215,6 +215,26 @@ def test_weights_from_safetensors_path_match_the_rule(tmp_path, quadratic_task64
     assert opt.weights_metadata["source"] == str(path)
 
 
+
+def test_from_module_loads_the_weights_once(monkeypatch, lstm_rule):
+    """``from_module`` reads the recorded routing and builds the optimizer from one load of the weights;
+    an ``UpdateRule`` passed in is still copied (freezing it leaves the caller's rule trainable)."""
+    from lightning_l2l.optim import learned
+
+    calls: list[object] = []
+    real = learned.resolve
+    monkeypatch.setattr(learned, "resolve", lambda weights: calls.append(weights) or real(weights))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
+    opt = LearnedOptimizer.from_module(model, "conv")
+    assert calls == ["conv"]
+    assert opt.weights_metadata["source"] == "conv" and "kind_map" in opt.weights_metadata
+    assert {g["kind"] for g in opt.param_groups} == {"conv", "fc"}
+    opt = LearnedOptimizer.from_module(model, lstm_rule)
+    assert len(calls) == 2 and opt.rule is not lstm_rule
+    assert all(p.requires_grad for p in lstm_rule.parameters())
+    assert not any(p.requires_grad for p in opt.rule.parameters())
+
+
 # ---------------------------------------------------------------------------------- state dict
 def _lstm_setup(rule, dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)

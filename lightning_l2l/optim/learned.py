@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,13 @@ def param_groups_by_kind(
         kind = kind_by_id.get(id(p))
         groups.setdefault(None if kind in (None, "other") else kind, []).append(p)
     return [{"params": ps, "kind": kind} for kind, ps in groups.items()]
+
+
+class _Resolved(NamedTuple):
+    """Weights already loaded by :func:`resolve` (``from_module`` reads their metadata first: load once)."""
+
+    rule: UpdateRule
+    metadata: dict[str, Any]
 
 
 @dataclass
@@ -176,7 +183,7 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"Invalid kind: {kind!r} (expected a string such as 'conv' or 'fc', or None)")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1 coordinates per network call, or None)")
-        rule, metadata = resolve(weights)
+        rule, metadata = weights if isinstance(weights, _Resolved) else resolve(weights)
         rule.requires_grad_(False).eval()
         self.rule: UpdateRule = rule
         self.weights_metadata: dict[str, Any] = metadata
@@ -214,11 +221,12 @@ class LearnedOptimizer(Optimizer):
                 network are left out), else none. ``{}``: none.
             **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``).
         """
-        if kind_map is None and not isinstance(weights, UpdateRule):
-            recorded = resolve(weights)[1].get("kind_map")
+        resolved = _Resolved(*resolve(weights))
+        if kind_map is None:
+            recorded = resolved.metadata.get("kind_map")
             # entries naming parameters of the meta-training network do not apply to this one
             kind_map = None if recorded is None else portable_kind_map(recorded)
-        return cls(param_groups_by_kind(module, params, kind_map), weights, **kwargs)
+        return cls(param_groups_by_kind(module, params, kind_map), resolved, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         kind = param_group.get("kind")
