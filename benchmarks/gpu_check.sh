@@ -14,10 +14,11 @@
 #   cuda_tests.txt               the CUDA-only tests (skipped on CPU machines and in CI)
 #   precision_throughput.{md,json}  meta-training throughput on the conv task: 32-true, bf16-mixed, 16-mixed
 #   step_time.{md,json}          LearnedOptimizer.step against Adam on CUDA, 10k ... 10M parameters
+#   step_time_compile.{md,json}  the same with LearnedOptimizer(compile=True) rows, 1M and 10M parameters
 # Estimated at about 5 minutes on an H200 (not yet run on one). Exit status: non-zero if any step failed; every step runs regardless.
 # Without a CUDA device it stops after env.txt. A dry run on a CPU machine (the CUDA tests then skip):
 # ALLOW_CPU=1 THROUGHPUT_ARGS="--accelerator cpu --steps 2 --warmup 1" STEP_TIME_ARGS="--device cpu --sizes 1e4" \
-#   bash benchmarks/gpu_check.sh
+#   STEP_TIME_COMPILE_ARGS="--device cpu --sizes 1e4" bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -50,4 +51,6 @@ sys.exit(0 if torch.cuda.is_available() or '${ALLOW_CPU:-}' == '1' else 'no CUDA
 "$PY" benchmarks/precision_throughput.py --json "$OUT/precision_throughput.json" ${THROUGHPUT_ARGS:---accelerator gpu} 2>&1 \
     | tee "$OUT/precision_throughput.md" || status=1
 "$PY" benchmarks/step_time.py ${STEP_TIME_ARGS:---device cuda} --json "$OUT/step_time.json" 2>&1 | tee "$OUT/step_time.md" || status=1
+"$PY" benchmarks/step_time.py ${STEP_TIME_COMPILE_ARGS:---device cuda --sizes 1e6 1e7} --compile \
+    --json "$OUT/step_time_compile.json" 2>&1 | tee "$OUT/step_time_compile.md" || status=1
 exit $status

@@ -2,11 +2,14 @@
 
     python benchmarks/step_time.py                       # CPU (and CUDA if present), 10k ... 10M parameters
     python benchmarks/step_time.py --sizes 1e4 1e5 --threads 1 --device cpu
+    python benchmarks/step_time.py --compile             # also LearnedOptimizer(compile=True)
 
 For each MLP size and optimizer the script times ``optimizer.step()`` alone (gradients are
 computed once and reused, so the model's forward/backward does not blur the optimizer's cost) and
 measures the memory the optimizer adds at its peak (state plus temporaries). Every configuration
-runs in a fresh subprocess, so peaks do not leak into each other.
+runs in a fresh subprocess, so peaks do not leak into each other. ``--compile`` adds rows for
+``LearnedOptimizer(compile=True)``: its first step (compilation included) is reported apart, and two
+untimed steps precede the timed ones.
 
 Floors (what the step cannot beat on this machine):
 
@@ -29,6 +32,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -47,13 +51,14 @@ def mlp(num_params: int) -> nn.Module:
 def _make_optimizer(
     name: str, model: nn.Module, weights: str | None, chunk_size: int | None
 ) -> torch.optim.Optimizer:
+    """``adam``, ``learned`` or ``compiled`` (the learned optimizer with ``compile=True``)."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     from lightning_l2l import LearnedOptimizer
     from lightning_l2l.nets import CoordinatewiseLSTM
 
     rule = weights if weights else CoordinatewiseLSTM()  # speed does not depend on the weights' values
-    return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size)
+    return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size, compile=name == "compiled")
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -66,19 +71,26 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         p.grad = torch.randn_like(p) * 1e-3
     opt = _make_optimizer(cfg["optimizer"], model, cfg["weights"], cfg["chunk_size"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    reset_peak(device)
-    base = current_bytes(device)
-    times = []
-    for i in range(cfg["warmup"] + cfg["steps"]):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         sync()
-        t0 = time.perf_counter()
-        opt.step()
-        sync()
-        if i >= cfg["warmup"]:
-            times.append(time.perf_counter() - t0)
-    peak = peak_bytes(device) - base
-    return {**cfg, "params": n, "step_s": sorted(times)[len(times) // 2], "peak_bytes": max(peak, 0)}
+        reset_peak(device)
+        base = current_bytes(device)
+        times = []
+        for i in range(cfg["warmup"] + cfg["steps"]):
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            if i == 0:
+                first = time.perf_counter() - t0
+            if i >= cfg["warmup"]:
+                times.append(time.perf_counter() - t0)
+        peak = peak_bytes(device) - base
+    # LearnedOptimizer(compile=True) warns and runs eagerly where compilation fails: such a row is not compiled
+    fell_back = any("torch.compile failed" in str(w.message) for w in seen)
+    return {**cfg, "params": n, "step_s": sorted(times)[len(times) // 2], "first_step_s": first,
+            "peak_bytes": max(peak, 0), "compile_fell_back": fell_back}
 
 
 # ----------------------------------------------------------------------------------- machine
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default: by size, 3 at 10M)")
     parser.add_argument("--chunk-size", type=int, default=None, help="LearnedOptimizer chunk_size (default: its own)")
     parser.add_argument("--weights", default=None, help="weights for LearnedOptimizer (default: shipped quadratic)")
+    parser.add_argument("--compile", action="store_true", help="also time LearnedOptimizer(compile=True)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -169,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         bw, rate = bandwidth(dev, args.threads), matmul_rate(dev, args.threads)
         print(f"{device}: measured copy bandwidth {bw / 1e9:.1f} GB/s, float32 matmul {rate / 1e9:.0f} GFLOP/s")
         for size in args.sizes:
-            for name in ("adam", "learned"):
+            for name in ("adam", "learned", *(("compiled",) if args.compile else ())):
                 steps = args.steps or (3 if size >= 5e6 else 10 if size >= 5e5 else 50)
                 cfg = dict(size=int(size), optimizer=name, device=device, threads=args.threads, steps=steps,
-                           warmup=1, weights=weights, chunk_size=chunk)
+                           warmup=2 if name == "compiled" else 1, weights=weights, chunk_size=chunk)
                 out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                      text=True, check=False)
                 if out.returncode != 0:
@@ -188,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                 row["floor_s"] = max(row["floor_mem_s"], row["floor_flops_s"])
                 rows.append(row)
                 print(f"  {n:>10,d} params {name:8s} step {row['step_s'] * 1e3:9.2f} ms  "
-                      f"peak +{row['peak_bytes'] / 2**20:8.1f} MiB  floor {row['floor_s'] * 1e3:8.2f} ms", flush=True)
+                      f"peak +{row['peak_bytes'] / 2**20:8.1f} MiB  floor {row['floor_s'] * 1e3:8.2f} ms  "
+                      f"first step {row['first_step_s'] * 1e3:9.1f} ms", flush=True)
     print()
     print(table(rows))
     if args.json:
@@ -196,14 +210,18 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(rows, f, indent=2)
 
 
+NAMES = {"adam": "Adam", "learned": "LearnedOptimizer", "compiled": "LearnedOptimizer (compile=True)"}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["device", "params", "optimizer", "step (ms)", "peak memory added (MiB)", "memory floor (ms)",
-              "FLOP floor (ms)", "x floor"]
+    header = ["device", "params", "optimizer", "step (ms)", "first step (ms)", "peak memory added (MiB)",
+              "memory floor (ms)", "FLOP floor (ms)", "x floor"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        name = "Adam" if r["optimizer"] == "adam" else "LearnedOptimizer"
         lines.append(
-            f"| {r['device']} | {r['params']:,} | {name} | {r['step_s'] * 1e3:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"| {r['device']} | {r['params']:,} | {NAMES[r['optimizer']]}"
+            f"{' (compilation failed: eager)' if r.get('compile_fell_back') else ''} | {r['step_s'] * 1e3:.2f} | "
+            f"{r['first_step_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | "
             f"{r['floor_mem_s'] * 1e3:.2f} | {r['floor_flops_s'] * 1e3:.2f} | {r['step_s'] / r['floor_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -46,8 +46,9 @@ def test_docstring_defaults():
     assert sig.parameters["lr"].default == 1.0
     assert sig.parameters["kind"].default is None
     assert sig.parameters["chunk_size"].default is None
+    assert sig.parameters["compile"].default is False
     assert CPU_CHUNK_SIZE == 16384 and ACCELERATOR_CHUNK_SIZE == 524288
-    for name in ("lr", "kind", "chunk_size"):
+    for name in ("lr", "kind", "chunk_size", "compile"):
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     doc = LearnedOptimizer.__doc__
     assert 'Default: ``"quadratic"``' in doc and "default ``1.0``" in doc
@@ -70,6 +71,7 @@ def test_defaults_go_into_every_group(linear_rule):
         ({"lr": -1.0}, "Invalid learning rate: -1.0"),
         ({"chunk_size": 0}, "Invalid chunk_size: 0"),
         ({"kind": 3}, "Invalid kind: 3"),
+        ({"compile": "yes"}, "Invalid compile: 'yes'"),
     ],
 )
 def test_bad_values_raise_value_error(linear_rule, kwargs, message):
@@ -359,11 +361,78 @@ def test_deepcopy_and_pickle_keep_rule_and_state(lstm_rule):
     import pickle
 
     model, x = _lstm_setup(lstm_rule)
-    opt = LearnedOptimizer.from_module(model, lstm_rule, chunk_size=5)
+    opt = LearnedOptimizer.from_module(model, lstm_rule, chunk_size=5, compile=True)
+    opt.compile = False  # the flag travels; this test does not pay for a compilation
     _train(model, opt, x, 2)
+    opt.compile = True
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert clone.chunk_size == 5 and isinstance(clone.rule, CoordinatewiseLSTM) and clone.last_stats == {}
+        assert clone.compile is True and clone._compiled == {}
         assert clone.state_dict()["l2l_weights"] == opt.state_dict()["l2l_weights"]
+
+
+
+def _inductor_works() -> bool:
+    """Whether torch.compile's default backend builds and runs a kernel here (on CPU it needs a C++
+    compiler and Python's headers; a machine without them gets the fallback, tested below)."""
+    try:
+        return bool(torch.compile(lambda x: torch.sigmoid(x) * 2)(torch.zeros(3)).eq(1).all())
+    except Exception:
+        return False
+
+
+def _conv_run(compile: bool, steps: int = 4) -> tuple[torch.Tensor, LearnedOptimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(12, 5))
+    x = torch.randn(4, 1, 4, 4)
+    # chunk_size 16: full and shorter chunks, two kinds through the shipped conv PerKindRule
+    opt = LearnedOptimizer.from_module(model, "conv", chunk_size=16, compile=compile)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt
+
+
+def test_compiled_network_matches_eager_updates():
+    """compile=True: the same updates as eager to float rounding, computed by the compiled network
+    (dynamo compiled frames; no fallback warning), on chunks of several lengths and two kinds."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    if not _inductor_works():
+        pytest.skip("torch.compile cannot build kernels on this machine (on CPU: needs g++/clang++ and Python.h)")
+    eager, _ = _conv_run(compile=False)
+    counters.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiled, opt = _conv_run(compile=True)
+    assert not [w for w in seen if "torch.compile failed" in str(w.message)]
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert all(call.__name__ == "call" for call in opt._compiled.values())  # still the compiled path
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    assert not torch.equal(compiled, _conv_run(compile=False, steps=0)[0])  # it trained
+
+
+def test_compile_failure_warns_once_and_continues_eagerly(monkeypatch):
+    """A backend that cannot compile (here a stand-in for a machine without a C++ compiler, which this
+    one has) costs a warning, not the run: the steps are the eager ones, bit for bit."""
+    calls = []
+
+    def broken_compile(module, **kwargs):
+        def run(*args):
+            calls.append(kwargs)
+            raise RuntimeError("no working C++ compiler found\nmore details")
+        return run
+
+    eager, _ = _conv_run(compile=False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed on cpu \(RuntimeError: no working C\+\+ compiler"):
+        fallen, opt = _conv_run(compile=True)
+    assert len(calls) == 1 and calls[0] == {"dynamic": True}  # tried once, then eager
+    assert torch.equal(fallen, eager)
+    assert all(isinstance(rule, PerKindRule) for rule in opt._compiled.values())
 
 
 def test_scalar_empty_and_non_contiguous_parameters(lstm_rule):
@@ -378,3 +447,32 @@ def test_scalar_empty_and_non_contiguous_parameters(lstm_rule):
     assert opt.state[scalar]["hidden"].shape == (1, 2, 2, 4)
     assert opt.state[empty]["hidden"].shape == (0, 2, 2, 4)
     assert wide.shape == (3, 4) and torch.isfinite(wide).all()
+
+
+def test_step_time_benchmark_rows_and_an_uncompiled_row_said_so(monkeypatch, capsys, tmp_path):
+    """benchmarks/step_time.py, shrunk: its worker times each optimizer (in this process here), and a
+    compile=True row whose compilation failed (torch.compile replaced by a failing stand-in) says so."""
+    import json
+
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("step_time")
+    cfg = dict(size=500, device="cpu", threads=1, steps=2, warmup=1, weights="quadratic", chunk_size=None)
+    rows = [bench.worker({**cfg, "optimizer": name}) for name in ("adam", "learned")]
+
+    def broken_compile(module, **kwargs):
+        def run(*args):
+            raise RuntimeError("no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rows.append(bench.worker({**cfg, "optimizer": "compiled", "warmup": 2}))
+    for r in rows:
+        r.update(bandwidth=1e10, matmul=1e10, floor_mem_s=1e-6, floor_flops_s=1e-6, floor_s=1e-6)
+        assert r["params"] == sum(p.numel() for p in bench.mlp(500).parameters()) and r["step_s"] > 0
+        assert r["first_step_s"] > 0 and r["peak_bytes"] >= 0
+    assert [r["compile_fell_back"] for r in rows] == [False, False, True]
+    lines = bench.table(rows).splitlines()
+    assert "| Adam |" in lines[2] and "| LearnedOptimizer |" in lines[3]
+    assert "| LearnedOptimizer (compile=True) (compilation failed: eager) |" in lines[4]
+    json.dumps(rows)  # --json writes them

@@ -48,6 +48,7 @@ class LearnedOptimizerCallback(Callback):
             ``MetaLearner`` ``.ckpt`` (default ``"quadratic"``).
         lr: multiplier of the learned update (default ``1.0``).
         chunk_size: coordinates per network call (default ``None``: 16384 on CPU, 524288 on GPUs).
+        compile: run the network through ``torch.compile`` (default ``False``; see :class:`LearnedOptimizer`).
         log_stats: log the per-step statistics (default ``True``).
     """
 
@@ -57,6 +58,7 @@ class LearnedOptimizerCallback(Callback):
         *,
         lr: float = 1.0,
         chunk_size: int | None = None,
+        compile: bool = False,
         log_stats: bool = True,
     ) -> None:
         super().__init__()
@@ -64,10 +66,13 @@ class LearnedOptimizerCallback(Callback):
             raise ValueError(f"Invalid learning rate: {lr} (a multiplier of the learned update, expected >= 0)")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1)")
+        if not isinstance(compile, bool):
+            raise ValueError(f"Invalid compile: {compile!r} (expected True or False)")
         resolve(weights)  # an unknown name or a bad file fails here, before any training starts
         self.weights = weights
         self.lr = lr
         self.chunk_size = chunk_size
+        self.compile = compile
         self.log_stats = log_stats
         self.optimizer: LearnedOptimizer | None = None
         self.nonfinite_total = 0
@@ -118,7 +123,7 @@ class LearnedOptimizerCallback(Callback):
         else:  # configure_optimizers returned None: train every parameter
             params = [p for p in pl_module.parameters() if p.requires_grad]
         self.optimizer = LearnedOptimizer.from_module(
-            pl_module, self.weights, params=params, lr=self.lr, chunk_size=self.chunk_size
+            pl_module, self.weights, params=params, lr=self.lr, chunk_size=self.chunk_size, compile=self.compile
         )
         trainer.strategy.optimizers = [self.optimizer]
         self._logged_step = trainer.global_step
