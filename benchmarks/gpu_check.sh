@@ -15,7 +15,8 @@
 #   precision_throughput.{md,json}  meta-training throughput on the conv task: 32-true, bf16-mixed, 16-mixed
 #   step_time.{md,json}          LearnedOptimizer.step against Adam on CUDA, 10k ... 10M parameters
 #   step_time_compile.{md,json}  the same with LearnedOptimizer(compile=True) rows, 1M and 10M parameters
-# Estimated at about 5 minutes on an H200 (not yet run on one). Exit status: non-zero if any step failed; every step runs regardless.
+# Estimated at about 5 minutes on an H200 before the compile rows, which run last (each compiles afresh;
+# not yet run on one). Exit status: non-zero if any step failed; every step runs regardless.
 # Without a CUDA device it stops after env.txt. A dry run on a CPU machine (the CUDA tests then skip):
 # ALLOW_CPU=1 THROUGHPUT_ARGS="--accelerator cpu --steps 2 --warmup 1" STEP_TIME_ARGS="--device cpu --sizes 1e4" \
 #   STEP_TIME_COMPILE_ARGS="--device cpu --sizes 1e4" bash benchmarks/gpu_check.sh

@@ -6,10 +6,12 @@ alive, so gloo's worker threads may still hold finished collectives whose tensor
 when the interpreter finalizes. Freeing such a tensor there needs the GIL, a finalizing CPython ends
 that thread with ``pthread_exit`` inside C++ code that cannot unwind, and the worker process dies
 with SIGABRT ("terminate called without an active exception") after training finished and saved
-everything: a red exit status for a run that succeeded (pytorch/pytorch#190489, #179291).
+everything: a failed exit status for a run that succeeded. The mechanism is described in
+pytorch/pytorch#179291 (a PR to register such a handler in ``init_process_group``, abandoned by its
+author as needing more discussion) and #190489 (open).
 
-:func:`destroy_process_group_at_exit` registers, once per process, the handler Lightning registers
-for NCCL, so the group is destroyed (its threads joined) while the interpreter is still whole.
+:func:`destroy_process_group_at_exit` registers, once per process, a handler that destroys the default
+group (joining its threads) while the interpreter is still whole.
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from __future__ import annotations
 import atexit
 
 import torch.distributed
-from lightning.fabric.utilities.distributed import _destroy_dist_connection
 
 __all__ = ["destroy_process_group_at_exit"]
 
 _registered = False
+
+
+def _destroy_default_group() -> None:
+    """The default process group, destroyed if it still exists (a no-op after Lightning's NCCL handler)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def destroy_process_group_at_exit() -> bool:
@@ -35,6 +42,6 @@ def destroy_process_group_at_exit() -> bool:
         return True
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
-    atexit.register(_destroy_dist_connection)  # a no-op if the group was already destroyed
+    atexit.register(_destroy_default_group)
     _registered = True
     return True

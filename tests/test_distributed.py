@@ -155,13 +155,13 @@ def test_learned_optimizer_under_ddp_keeps_ranks_identical(tmp_path, fresh_maste
 def test_process_group_is_destroyed_at_exit_once(monkeypatch):
     """Lightning destroys the default process group at exit only for NCCL; a live gloo group can abort the rank
     with SIGABRT during interpreter shutdown. The handler is registered once, only with a group, and destroys it."""
-    import atexit
+    import types
 
     import torch.distributed as dist
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    registered = []
-    monkeypatch.setattr(atexit, "register", registered.append)
+    registered = []  # the module's atexit only: torch or Lightning may register their own handlers
+    monkeypatch.setattr(_distributed, "atexit", types.SimpleNamespace(register=registered.append))
     monkeypatch.setattr(_distributed, "_registered", False)
     assert not _distributed.destroy_process_group_at_exit() and registered == []  # no group: nothing to do
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_network_port()}", rank=0, world_size=1)

@@ -217,7 +217,6 @@ def test_weights_from_safetensors_path_match_the_rule(tmp_path, quadratic_task64
     assert opt.weights_metadata["source"] == str(path)
 
 
-
 def test_from_module_loads_the_weights_once(monkeypatch, lstm_rule):
     """``from_module`` reads the recorded routing and builds the optimizer from one load of the weights;
     an ``UpdateRule`` passed in is still copied (freezing it leaves the caller's rule trainable)."""
@@ -357,19 +356,18 @@ def test_lr_scheduler_acts_on_the_update_multiplier(quadratic_task64: QuadraticT
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
 
 
-def test_deepcopy_and_pickle_keep_rule_and_state(lstm_rule):
+def test_deepcopy_and_pickle_keep_rule_and_state(lstm_rule, monkeypatch):
     import pickle
 
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # pass-through: no compilation cost
     model, x = _lstm_setup(lstm_rule)
     opt = LearnedOptimizer.from_module(model, lstm_rule, chunk_size=5, compile=True)
-    opt.compile = False  # the flag travels; this test does not pay for a compilation
     _train(model, opt, x, 2)
-    opt.compile = True
+    assert opt._compiled  # a closure that does not pickle: the clones rebuild it
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert clone.chunk_size == 5 and isinstance(clone.rule, CoordinatewiseLSTM) and clone.last_stats == {}
         assert clone.compile is True and clone._compiled == {}
         assert clone.state_dict()["l2l_weights"] == opt.state_dict()["l2l_weights"]
-
 
 
 def _inductor_works() -> bool:
@@ -415,24 +413,59 @@ def test_compiled_network_matches_eager_updates():
     assert not torch.equal(compiled, _conv_run(compile=False, steps=0)[0])  # it trained
 
 
-def test_compile_failure_warns_once_and_continues_eagerly(monkeypatch):
+@pytest.mark.parametrize("fails_at", ["compile", "call"])
+def test_compile_failure_warns_once_and_continues_eagerly(monkeypatch, fails_at):
     """A backend that cannot compile (here a stand-in for a machine without a C++ compiler, which this
-    one has) costs a warning, not the run: the steps are the eager ones, bit for bit."""
+    one has; or a Python dynamo does not support, where torch.compile raises at once) costs one warning,
+    not the run: the steps are the eager ones, bit for bit."""
     calls = []
 
     def broken_compile(module, **kwargs):
+        calls.append(kwargs)
+        if fails_at == "compile":
+            raise RuntimeError("torch.compile is not supported on this Python\nmore details")
+
         def run(*args):
-            calls.append(kwargs)
             raise RuntimeError("no working C++ compiler found\nmore details")
         return run
 
     eager, _ = _conv_run(compile=False)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed on cpu \(RuntimeError: no working C\+\+ compiler"):
+    message = {"compile": "torch.compile is not supported on this Python", "call": r"no working C\+\+ compiler found"}[fails_at]
+    with pytest.warns(RuntimeWarning, match=rf"torch.compile failed on cpu \(RuntimeError: {message}\)") as seen:
         fallen, opt = _conv_run(compile=True)
+    assert len([w for w in seen if "torch.compile failed" in str(w.message)]) == 1
+    assert seen[0].filename == learned_module_file()  # points at LearnedOptimizer.step, not into torch
     assert len(calls) == 1 and calls[0] == {"dynamic": True}  # tried once, then eager
     assert torch.equal(fallen, eager)
     assert all(isinstance(rule, PerKindRule) for rule in opt._compiled.values())
+
+
+def learned_module_file() -> str:
+    from lightning_l2l.optim import learned
+
+    return learned.__file__
+
+
+def test_compile_does_not_blame_the_compiler_for_the_rules_own_error(monkeypatch):
+    """When the eager rule fails on the same call, that error propagates, without a compile warning, and
+    the compiled path stays in place (it is not the compiler's fault)."""
+    import warnings
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # pass-through stand-in
+    model = nn.Linear(3, 2)
+    opt = LearnedOptimizer.from_module(model, "quadratic", compile=True)
+
+    def broken_forward(*args, **kwargs):
+        raise ValueError("the rule itself is broken")
+
+    opt.rule.forward = broken_forward
+    model(torch.randn(4, 3)).sum().backward()
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(ValueError, match="the rule itself is broken"):
+        warnings.simplefilter("always")
+        opt.step()
+    assert not [w for w in seen if "torch.compile failed" in str(w.message)]
+    assert all(call.__name__ == "call" for call in opt._compiled.values())
 
 
 def test_scalar_empty_and_non_contiguous_parameters(lstm_rule):

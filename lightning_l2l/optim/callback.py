@@ -86,6 +86,7 @@ class LearnedOptimizerCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_process_group_at_exit()  # gloo ranks would otherwise abort at exit (lightning_l2l._distributed)
         if stage != "fit":
             return
         strategy = trainer.strategy
@@ -101,7 +102,6 @@ class LearnedOptimizerCallback(Callback):
                 "LearnedOptimizerCallback to take over. Remove the callback and create "
                 "lightning_l2l.LearnedOptimizer.from_module(self, weights=...) in configure_optimizers instead."
             )
-        destroy_process_group_at_exit()  # gloo ranks would otherwise abort at exit (lightning_l2l._distributed)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

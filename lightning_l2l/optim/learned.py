@@ -457,24 +457,33 @@ class LearnedOptimizer(Optimizer):
 def _compiled(
     rule: UpdateRule, key: tuple[torch.device, torch.dtype], cache: dict[Any, Any]
 ) -> Callable[..., tuple[Tensor, Tensor]]:
-    """``torch.compile(rule)`` (shapes dynamic: the last chunk of a run is shorter), which swaps itself
-    for the eager ``rule`` in ``cache[key]``, with one warning, if compilation fails at its first call."""
-    compiled = torch.compile(rule, dynamic=True)
+    """``torch.compile(rule)`` (dynamic shapes: the last chunk of a run is shorter), built at the first call.
+
+    Where compiling or running the compiled network raises but the eager ``rule`` computes the same call,
+    the compiler is at fault: one warning, and ``cache[key]`` becomes the eager ``rule`` for good. Where
+    the eager call raises too, that error propagates (the rule's, not the compiler's) and nothing changes.
+    """
+    compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def call(grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> tuple[Tensor, Tensor]:
+        nonlocal compiled
         if cache.get(key) is not call:  # fell back already
             return rule(grad, state, kind)
         try:
+            if compiled is None:
+                compiled = torch.compile(rule, dynamic=True)  # raises at once on Pythons dynamo does not support
             return compiled(grad, state, kind)
-        except Exception as err:  # any backend failure: the eager rule computes the same update
+        except Exception as err:  # the eager rule decides whose failure it is
+            out = rule(grad, state, kind)
+            first_line = (str(err).strip().splitlines() or [""])[0]
             warnings.warn(
                 f"LearnedOptimizer(compile=True): torch.compile failed on {key[0]} ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); continuing without compilation. "
-                "On CPU it needs a C++ compiler (g++ or clang++); pass compile=False to silence this.",
-                RuntimeWarning, stacklevel=4,
+                f"{first_line}); continuing without compilation. On CPU it needs a C++ compiler (g++ or "
+                "clang++) and Python's headers; pass compile=False to silence this.",
+                RuntimeWarning, stacklevel=3,  # LearnedOptimizer.step
             )
             cache[key] = rule
-            return rule(grad, state, kind)
+            return out
 
     return call
 
