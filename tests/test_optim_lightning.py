@@ -137,6 +137,24 @@ def test_callback_replaces_optimizer_and_logs_stats(tmp_path, weights):
     assert cb.nonfinite_total == 0
 
 
+
+def test_callback_compile_reaches_the_optimizer(tmp_path, weights, monkeypatch):
+    """compile=True is handed to the LearnedOptimizer and its steps go through the compiled network (here
+    a pass-through stand-in for torch.compile: the compiled network's numbers are tested in test_optim)."""
+    compiled_modules = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled_modules.append(module) or module)
+    runs = {}
+    for compile in (False, True):
+        L.seed_everything(0)
+        model = UserModel()
+        cb = LearnedOptimizerCallback(weights=weights, compile=compile)
+        _trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model)
+        assert cb.optimizer.compile is compile and bool(cb.optimizer._compiled) is compile
+        runs[compile] = _params(model)
+    assert compiled_modules == [cb.optimizer.rule]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        assert torch.equal(a, b)
+
 def test_callback_with_gradient_accumulation_logs_per_step(tmp_path, weights):
     model = UserModel()
     cb = LearnedOptimizerCallback(weights=weights)
@@ -276,6 +294,8 @@ def test_callback_bad_arguments():
         LearnedOptimizerCallback(lr=-1)
     with pytest.raises(ValueError, match="Invalid chunk_size"):
         LearnedOptimizerCallback(chunk_size=0)
+    with pytest.raises(ValueError, match="Invalid compile: 'yes'"):
+        LearnedOptimizerCallback(compile="yes")
 
 
 @pytest.mark.parametrize("precision, param_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
