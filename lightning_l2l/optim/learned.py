@@ -162,7 +162,8 @@ class LearnedOptimizer(Optimizer):
             pay the compilation (tens of seconds; on CPU it needs a C++ compiler), later steps fuse
             the LSTM's elementwise work (``benchmarks/step_time.py --compile`` measures it). The
             updates equal the eager ones to float rounding, not to the bit. If compilation fails
-            the optimizer warns once and continues eagerly.
+            the optimizer warns once and continues eagerly (an error the eager network raises too
+            is the rule's and propagates).
 
     Example::
 
@@ -229,7 +230,7 @@ class LearnedOptimizer(Optimizer):
                 records it (``kind_map``; the shipped ``conv`` sends conv biases and batch-norm
                 parameters to its ``fc`` network; entries that name parameters of the meta-training
                 network are left out), else none. ``{}``: none.
-            **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``).
+            **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``, ``compile``).
         """
         resolved = _Resolved(*resolve(weights))
         if kind_map is None:
