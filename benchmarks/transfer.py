@@ -17,8 +17,11 @@ Protocol, as the other comparisons: every optimizer runs ``--horizon`` steps (de
 with minibatches of 128 from the same freshly initialised network per task; the loss reported is on the
 task's evaluation set after the last step. SGD, NAG, RMSprop and Adam each get the learning rate of the
 25-point log grid (1e-5 ... 10) with the lowest mean final loss on ``--num-val`` validation tasks; the
-learned rules run as shipped (update multiplier 1). Test tasks (``--num-test``, other seeds) are
-never used for tuning. A task "diverged" when its final loss is not finite or above its initial loss.
+learned rules run as shipped (update multiplier 1), and with ``--tune-rule-lr`` also at the update
+multiplier (``LearnedOptimizer(lr=...)``) of the grid 10^-1.5 ... 10^0.5 in quarter decades with the
+lowest mean final loss on the same validation tasks (rows "(lr tuned)"): what a user can do when a rule
+overshoots. Test tasks (``--num-test``, other seeds) are never used for tuning. A task "diverged" when
+its final loss is not finite or above its initial loss.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from lightning_l2l.tasks import ModuleTask
 from lightning_l2l.trajectory import rule_final_loss
 
 BASELINES = ("sgd", "nag", "rmsprop", "adam")
+RULE_LR_GRID = tuple(10 ** (-1.5 + 0.25 * i) for i in range(9))  # 0.032 ... 3.2
+TUNED = " (lr tuned)"
 VAL_SEED, TEST_SEED = 1_000_003, 2_000_003
 
 
@@ -116,26 +121,37 @@ def _paired(values: list[float], reference: list[float]) -> tuple[float, float]:
 
 
 def run_problem(problem: str, weights: list[str], horizon: int, num_val: int, num_test: int,
-                lr_grid: tuple[float, ...]) -> dict[str, Any]:
+                lr_grid: tuple[float, ...], tune_rule_lr: bool = False) -> dict[str, Any]:
     val, test = tasks(problem, VAL_SEED, num_val), tasks(problem, TEST_SEED, num_test)
     initial = [float(baseline_final_loss("sgd", 0.0, t, 0)) for t in test]
     finals: dict[str, list[float]] = {}
     lrs: dict[str, float | None] = {}
+    edge: list[str] = []  # tuned at the smallest or largest rate of the grid: widen it
     for name in BASELINES:
         tuned = tune_baseline(name, val, horizon, lr_grid)
         lrs[name] = tuned.lr
+        if tuned.at_grid_edge:
+            edge.append(name)
         finals[name] = [float(baseline_final_loss(name, tuned.lr, t, horizon)) for t in test]
     for w in weights:
         rule = resolve(w)[0].eval().requires_grad_(False)
         lrs[w] = None
         finals[w] = [float(rule_final_loss(rule, t, horizon)) for t in test]
+        if tune_rule_lr:
+            scores = {m: statistics.fmean(float(rule_final_loss(rule, t, horizon, lr=m)) for t in val)
+                      for m in RULE_LR_GRID}
+            best_m = min(scores, key=lambda m: scores[m] if math.isfinite(scores[m]) else math.inf)
+            lrs[w + TUNED] = best_m
+            if best_m in (RULE_LR_GRID[0], RULE_LR_GRID[-1]):
+                edge.append(w + TUNED)
+            finals[w + TUNED] = [float(rule_final_loss(rule, t, horizon, lr=best_m)) for t in test]
     best = min(BASELINES, key=lambda b: statistics.fmean(finals[b]))
     rows = []
     for name, values in finals.items():
         mean = statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.inf
         diff, se = _paired(values, finals[best])
         rows.append({
-            "optimizer": name, "learned": name not in BASELINES, "lr": lrs[name], "mean_final_loss": mean,
+            "optimizer": name, "learned": name not in BASELINES, "lr": lrs[name], "lr_at_grid_edge": name in edge, "mean_final_loss": mean,
             "x_best_baseline": mean / statistics.fmean(finals[best]), "diff_vs_best": diff, "diff_se": se,
             "diverged": sum(1 for v, i in zip(values, initial, strict=True) if not math.isfinite(v) or v > i),
             "finals": values,
@@ -151,8 +167,9 @@ def table(result: dict[str, Any]) -> str:
              "| optimizer | lr (tuned) | final loss | x best baseline | paired diff. to it (± s.e.) | diverged |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        name = f"`{r['optimizer']}` (learned)" if r["learned"] else r["optimizer"]
-        lr = "shipped" if r["lr"] is None else f"{r['lr']:.3g}"
+        base, tuned = r["optimizer"].removesuffix(TUNED), r["optimizer"].endswith(TUNED)
+        name = f"`{base}` (learned{', lr tuned' if tuned else ''})" if r["learned"] else r["optimizer"]
+        lr = "shipped" if r["lr"] is None else f"{r['lr']:.3g}{' (multiplier)' if tuned else ''}{' (grid edge)' if r['lr_at_grid_edge'] else ''}"
         diff = "-" if r["optimizer"] == result["best_baseline"] else f"{r['diff_vs_best']:+.4f} ± {r['diff_se']:.4f}"
         lines.append(f"| {name} | {lr} | {r['mean_final_loss']:.4f} | {r['x_best_baseline']:.2f}x | {diff} | "
                      f"{r['diverged']}/{len(r['finals'])} |")
@@ -167,6 +184,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--num-val", type=int, default=4)
     parser.add_argument("--num-test", type=int, default=16)
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None, help="baselines' grid (default: 1e-5 ... 10)")
+    parser.add_argument("--tune-rule-lr", action="store_true",
+                        help="also run each learned rule at an update multiplier tuned on the validation tasks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -180,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for problem in args.problems:
         t0 = time.time()
         result = run_problem(problem, weights, args.horizon, args.num_val, args.num_test,
-                             tuple(args.lr_grid) if args.lr_grid else DEFAULT_LR_GRID)
+                             tuple(args.lr_grid) if args.lr_grid else DEFAULT_LR_GRID, args.tune_rule_lr)
         print(table(result))
         print(f"({time.time() - t0:.0f} s)\n", flush=True)
         results.append(result)

@@ -50,12 +50,22 @@ def test_shrunk_run_rows_table_and_json(bench, tmp_path, capsys):
         assert best["x_best_baseline"] == 1.0 and best["diff_vs_best"] == 0.0
         for row in r["rows"]:
             assert len(row["finals"]) == 2 and (row["lr"] in (0.01, 0.1)) != row["learned"]
+            assert row["lr_at_grid_edge"] == (row["lr"] in (0.01, 0.1))  # a 2-point grid: always an edge
             if not row["learned"]:  # the best baseline is the one with the lowest mean
                 assert row["mean_final_loss"] >= best["mean_final_loss"]
             assert 0 <= row["diverged"] <= 2
     printed = capsys.readouterr().out
     assert "| `mnist` (learned) | shipped |" in printed and "best tuned baseline" in printed
     assert json.loads(out.read_text())[0]["rows"][0]["optimizer"] == "sgd"
+
+    # --tune-rule-lr: a row per rule at the multiplier with the lowest validation loss, from the grid
+    tuned = bench.main(["--horizon", "3", "--num-val", "1", "--num-test", "2", "--lr-grid", "0.01", "0.1",
+                        "--weights", "mnist", "--problems", "transformer", "--tune-rule-lr"])[0]
+    assert [row["optimizer"] for row in tuned["rows"]][-2:] == ["mnist", "mnist (lr tuned)"]
+    row = tuned["rows"][-1]
+    assert row["learned"] and row["lr"] in bench.RULE_LR_GRID
+    assert row["lr_at_grid_edge"] == (row["lr"] in (bench.RULE_LR_GRID[0], bench.RULE_LR_GRID[-1]))
+    assert "| `mnist` (learned, lr tuned) |" in capsys.readouterr().out
 
 
 def test_bad_arguments(bench):
