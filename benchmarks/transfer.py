@@ -151,7 +151,8 @@ def run_problem(problem: str, weights: list[str], horizon: int, num_val: int, nu
         mean = statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.inf
         diff, se = _paired(values, finals[best])
         rows.append({
-            "optimizer": name, "learned": name not in BASELINES, "lr": lrs[name], "lr_at_grid_edge": name in edge, "mean_final_loss": mean,
+            "optimizer": name, "learned": name not in BASELINES, "lr": lrs[name], "lr_at_grid_edge": name in edge,
+            "mean_final_loss": mean,
             "x_best_baseline": mean / statistics.fmean(finals[best]), "diff_vs_best": diff, "diff_se": se,
             "diverged": sum(1 for v, i in zip(values, initial, strict=True) if not math.isfinite(v) or v > i),
             "finals": values,
