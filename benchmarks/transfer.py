@@ -31,23 +31,23 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.evaluation import baseline_final_loss, tune_baseline
-from lightning_l2l.evaluation.baselines import DEFAULT_LR_GRID
+from lightning_l2l.evaluation import BASELINES, DEFAULT_LR_GRID, baseline_final_loss, tune_baseline
+from lightning_l2l.nets import UpdateRule
 from lightning_l2l.pretrained import available, resolve
 from lightning_l2l.tasks import ModuleTask
 from lightning_l2l.trajectory import rule_final_loss
 
-BASELINES = ("sgd", "nag", "rmsprop", "adam")
+from conv_compare import TEST_SEED, VAL_SEED, mean_sem  # isort: skip  (benchmarks/ is on sys.path when run)
+
 RULE_LR_GRID = tuple(10 ** (-1.5 + 0.25 * i) for i in range(9))  # 0.032 ... 3.2
 TUNED = " (lr tuned)"
-VAL_SEED, TEST_SEED = 1_000_003, 2_000_003
 
 
 class HeldOutTask(ModuleTask):
@@ -103,26 +103,20 @@ PROBLEMS: dict[str, Callable[[], tuple[Callable[[], nn.Module], dict[str, tuple[
 }
 
 
-def tasks(problem: str, seed: int, count: int) -> list[HeldOutTask]:
+def tasks(problem: str, seeds: Sequence[int]) -> list[HeldOutTask]:
+    """One task per seed: a network initialised from it, with its own minibatch order."""
     build, data = PROBLEMS[problem]()
     out = []
-    for i in range(count):
-        torch.manual_seed(seed + i)  # the network's initialisation
-        out.append(HeldOutTask(build(), data, seed=seed + i))
+    for seed in seeds:
+        torch.manual_seed(seed)  # the network's initialisation
+        out.append(HeldOutTask(build(), data, seed=seed))
     return out
 
 
-def _paired(values: list[float], reference: list[float]) -> tuple[float, float]:
-    diffs = [a - b for a, b in zip(values, reference, strict=True)]
-    if not all(math.isfinite(d) for d in diffs):
-        return math.inf, math.nan
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return statistics.fmean(diffs), se
-
-
-def run_problem(problem: str, weights: list[str], horizon: int, num_val: int, num_test: int,
+def run_problem(problem: str, rules: dict[str, UpdateRule], horizon: int, num_val: int, num_test: int,
                 lr_grid: tuple[float, ...], tune_rule_lr: bool = False) -> dict[str, Any]:
-    val, test = tasks(problem, VAL_SEED, num_val), tasks(problem, TEST_SEED, num_test)
+    every = tasks(problem, [*range(VAL_SEED, VAL_SEED + num_val), *range(TEST_SEED, TEST_SEED + num_test)])
+    val, test = every[:num_val], every[num_val:]
     initial = [float(baseline_final_loss("sgd", 0.0, t, 0)) for t in test]
     finals: dict[str, list[float]] = {}
     lrs: dict[str, float | None] = {}
@@ -133,8 +127,7 @@ def run_problem(problem: str, weights: list[str], horizon: int, num_val: int, nu
         if tuned.at_grid_edge:
             edge.append(name)
         finals[name] = [float(baseline_final_loss(name, tuned.lr, t, horizon)) for t in test]
-    for w in weights:
-        rule = resolve(w)[0].eval().requires_grad_(False)
+    for w, rule in rules.items():
         lrs[w] = None
         finals[w] = [float(rule_final_loss(rule, t, horizon)) for t in test]
         if tune_rule_lr:
@@ -149,7 +142,7 @@ def run_problem(problem: str, weights: list[str], horizon: int, num_val: int, nu
     rows = []
     for name, values in finals.items():
         mean = statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.inf
-        diff, se = _paired(values, finals[best])
+        diff, se = mean_sem([a - b for a, b in zip(values, finals[best], strict=True)])
         rows.append({
             "optimizer": name, "learned": name not in BASELINES, "lr": lrs[name], "lr_at_grid_edge": name in edge,
             "mean_final_loss": mean,
@@ -193,13 +186,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.num_test < 2:
         parser.error("--num-test must be at least 2 (a paired standard error needs two tasks)")
     torch.set_num_threads(args.threads)
-    weights = args.weights or available()
-    for w in weights:
-        resolve(w)  # an unknown name fails before any run
+    # loaded once, before any run (an unknown name fails here)
+    rules = {w: resolve(w)[0].eval().requires_grad_(False) for w in args.weights or available()}
     results = []
     for problem in args.problems:
         t0 = time.time()
-        result = run_problem(problem, weights, args.horizon, args.num_val, args.num_test,
+        result = run_problem(problem, rules, args.horizon, args.num_val, args.num_test,
                              tuple(args.lr_grid) if args.lr_grid else DEFAULT_LR_GRID, args.tune_rule_lr)
         print(table(result))
         print(f"({time.time() - t0:.0f} s)\n", flush=True)

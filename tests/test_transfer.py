@@ -26,7 +26,7 @@ def test_majority_labels_are_the_most_frequent_symbol_smallest_on_ties(bench):
 
 
 def test_tasks_are_fresh_networks_with_a_held_out_loss(bench):
-    a, b = bench.tasks("transformer", 5, 2)
+    a, b = bench.tasks("transformer", [5, 6])
     assert a.seed == 5 and b.seed == 6
     pa, pb = a.init_params(), b.init_params()
     assert pa.keys() == pb.keys() and not torch.equal(pa["head.weight"], pb["head.weight"])
