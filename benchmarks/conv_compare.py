@@ -71,9 +71,8 @@ from lightning_l2l.evaluation import (
     json_cached,
     rule_fingerprint,
     tune_baseline,
-    weights_digest,
 )
-from lightning_l2l.pretrained import resolve
+from lightning_l2l.pretrained import resolve, weights_digest
 from lightning_l2l.tasks import ConvFamily, Task
 from lightning_l2l.trajectory import rule_curve, rule_final_loss
 

@@ -37,10 +37,9 @@ from lightning_l2l.evaluation import (
     digest,
     json_cached,
     rule_fingerprint,
-    weights_digest,
 )
 from lightning_l2l.nets import parse_multiplier, scale_rule
-from lightning_l2l.pretrained import resolve
+from lightning_l2l.pretrained import resolve, weights_digest
 from lightning_l2l.tasks import ConvFamily
 from lightning_l2l.trajectory import rule_final_loss
 

@@ -44,10 +44,9 @@ from lightning_l2l.evaluation import (
     json_cached,
     rule_fingerprint,
     tune_baseline,
-    weights_digest,
 )
 from lightning_l2l.nets import UpdateRule
-from lightning_l2l.pretrained import available, resolve
+from lightning_l2l.pretrained import available, resolve, weights_digest
 from lightning_l2l.tasks import MNISTFamily
 from lightning_l2l.trajectory import rule_curve
 

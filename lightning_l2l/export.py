@@ -18,35 +18,12 @@ import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from lightning_l2l.nets import UpdateRule, WeightsError, build_rule, parse_multiplier, save_rule, scale_rule
+from lightning_l2l.nets import WeightsError, parse_multiplier, save_rule, scale_rule
 from lightning_l2l.nets.kinds import check_kind_map
+from lightning_l2l.pretrained import rule_from_checkpoint
 
 __all__ = ["rule_from_checkpoint", "export_checkpoint", "main"]
-
-
-def rule_from_checkpoint(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
-    """Rebuild the rule of a ``MetaLearner`` checkpoint; returns ``(rule, checkpoint)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise WeightsError(f"{path} could not be read as a Lightning checkpoint ({err})") from err
-    if "l2l_rule_config" not in ckpt or "state_dict" not in ckpt:
-        raise WeightsError(f"{path} is not a lightning_l2l MetaLearner checkpoint (no rule config in it)")
-    rule = build_rule(json.loads(ckpt["l2l_rule_config"]))
-    prefix = "rule."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        rule.load_state_dict(state)
-    except RuntimeError as err:
-        raise WeightsError(f"{path}: the rule's weights do not match its config ({err})") from err
-    return rule, ckpt
 
 
 def export_checkpoint(

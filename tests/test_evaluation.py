@@ -249,8 +249,7 @@ def test_weights_digest_is_the_hash_of_the_weights_file(tmp_path) -> None:
     import hashlib
     import shutil
 
-    from lightning_l2l.evaluation import weights_digest
-    from lightning_l2l.pretrained import path
+    from lightning_l2l.pretrained import path, weights_digest
 
     shipped = path("quadratic")
     assert weights_digest("quadratic") == hashlib.sha256(shipped.read_bytes()).hexdigest()[:12]

@@ -8,7 +8,7 @@ from lightning_l2l.evaluation.baselines import (
     baseline_final_loss,
     tune_baseline,
 )
-from lightning_l2l.evaluation.cache import digest, json_cached, rule_fingerprint, weights_digest
+from lightning_l2l.evaluation.cache import digest, json_cached, rule_fingerprint
 from lightning_l2l.evaluation.comparison import LEARNED, Comparison, compare, mean_curve
 
 __all__ = [
@@ -25,5 +25,4 @@ __all__ = [
     "digest",
     "json_cached",
     "rule_fingerprint",
-    "weights_digest",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["digest", "json_cached", "rule_fingerprint", "weights_digest"]
+__all__ = ["digest", "json_cached", "rule_fingerprint"]
 
 T = TypeVar("T")
 
@@ -16,18 +16,6 @@ T = TypeVar("T")
 def digest(obj: Any) -> str:
     """A short, stable hash of a JSON-serialisable description of some inputs (12 hex digits)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def weights_digest(weights: str | Path) -> str:
-    """A short hash (12 hex digits) of the bytes of a rule's weights file: a shipped name or a path.
-
-    Results computed with a rule are cached under it, so re-exported or re-trained weights never
-    reuse stale numbers.
-    """
-    from lightning_l2l.pretrained import available, path
-
-    file = path(weights) if isinstance(weights, str) and weights in available() else Path(weights).expanduser()
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:12]
 
 
 def rule_fingerprint(rule: Any, steps: int = 3) -> str:

@@ -20,13 +20,17 @@ from an allow-list of classes (:func:`lightning_l2l.nets.build_rule`).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from lightning_l2l.nets import UpdateRule, WeightsError, load_rule
+import torch
 
-__all__ = ["PRETRAINED_DIR", "available", "path", "resolve", "WeightsError"]
+from lightning_l2l.nets import UpdateRule, WeightsError, build_rule, load_rule
+
+__all__ = ["PRETRAINED_DIR", "available", "path", "resolve", "rule_from_checkpoint", "weights_digest", "WeightsError"]
 
 #: the folder the shipped ``NAME.safetensors`` + ``NAME.json`` pairs live in
 PRETRAINED_DIR = Path(__file__).resolve().parent
@@ -82,8 +86,6 @@ def resolve(weights: Weights) -> tuple[UpdateRule, dict[str, Any]]:
         return rule, {**metadata, "source": text}
     file = Path(text).expanduser()
     if file.suffix == ".ckpt":
-        from lightning_l2l.export import rule_from_checkpoint
-
         rule, ckpt = rule_from_checkpoint(file)
         return rule, {"source": str(file), "global_step": int(ckpt.get("global_step", 0))}
     if file.suffix in (".safetensors", ".json"):
@@ -94,3 +96,34 @@ def resolve(weights: Weights) -> tuple[UpdateRule, dict[str, Any]]:
             f"{file} is neither a .safetensors file exported by `l2l export` nor a MetaLearner .ckpt"
         )
     raise WeightsError(_unknown_message(text))
+
+
+def rule_from_checkpoint(path: str | Path) -> tuple[UpdateRule, dict[str, Any]]:
+    """Rebuild the rule of a ``MetaLearner`` checkpoint; returns ``(rule, checkpoint)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise WeightsError(f"{path} could not be read as a Lightning checkpoint ({err})") from err
+    if "l2l_rule_config" not in ckpt or "state_dict" not in ckpt:
+        raise WeightsError(f"{path} is not a lightning_l2l MetaLearner checkpoint (no rule config in it)")
+    rule = build_rule(json.loads(ckpt["l2l_rule_config"]))
+    prefix = "rule."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        rule.load_state_dict(state)
+    except RuntimeError as err:
+        raise WeightsError(f"{path}: the rule's weights do not match its config ({err})") from err
+    return rule, ckpt
+
+
+def weights_digest(weights: str | Path) -> str:
+    """A short hash (12 hex digits) of the bytes of a rule's weights file: a shipped name or a path.
+
+    Results computed with a rule are cached under it, so re-exported or re-trained weights never
+    reuse stale numbers.
+    """
+    file = path(weights) if isinstance(weights, str) and weights in available() else Path(weights).expanduser()
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:12]

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from lightning_l2l.nets.kinds import check_kind_map, route_param_kinds
 from lightning_l2l.tasks.base import TaskFamily
 from lightning_l2l.tasks.images import DATASETS, image_pools
-from lightning_l2l.tasks.mnist import SPLITS, stratified_split
 from lightning_l2l.tasks.module import ModuleTask
+from lightning_l2l.tasks.splits import SPLITS, stratified_split
 
 __all__ = ["DEFAULT_KIND_MAP", "ConvTask", "ConvFamily", "conv_net", "routed_kinds"]
 

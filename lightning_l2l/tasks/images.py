@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_l2l.tasks._torchvision import read_torchvision
-from lightning_l2l.tasks.mnist import stratified_split
+from lightning_l2l.tasks.splits import stratified_split
 
 __all__ = [
     "DATASETS",

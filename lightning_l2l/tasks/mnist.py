@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lightning_l2l.tasks._torchvision import read_torchvision
 from lightning_l2l.tasks.base import TaskFamily
 from lightning_l2l.tasks.module import ModuleTask
+from lightning_l2l.tasks.splits import SPLITS, stratified_split
 
 __all__ = [
     "ACTIVATIONS",
@@ -47,7 +48,6 @@ __all__ = [
     "mnist_pools",
 ]
 
-SPLITS = ("train", "val", "test")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 #: sizes of the train / validation / test digit pools cut from the 5,000 shipped digits
 DEFAULT_POOL_SIZES = (3000, 1000, 1000)
@@ -86,39 +86,6 @@ def mnist_5k() -> tuple[Tensor, Tensor]:
     images = table[:, :NUM_PIXELS] / 255.0
     labels = table[:, NUM_PIXELS].round().long()
     return images.contiguous(), labels.contiguous()
-
-
-def stratified_split(labels: Tensor, sizes: Sequence[int], seed: int = 0) -> list[Tensor]:
-    """Disjoint index sets of the given ``sizes``, each stratified by class, a pure function of ``seed``.
-
-    Each class is shuffled with ``seed``; every example gets the key ``rank within its class /
-    class size``, and the examples sorted by that key are dealt out in order: every prefix, and so
-    every part, holds the classes in the proportions of the whole (500 of each class in 5,000
-    digits gives 300 / 100 / 100 per class for sizes 3,000 / 1,000 / 1,000).
-
-    Args:
-        labels: ``(N,)`` integer class labels.
-        sizes: size of each part; their sum must not exceed ``N``.
-        seed: seed of the shuffle.
-    """
-    labels = labels.reshape(-1).cpu()
-    if any(s < 0 for s in sizes) or sum(sizes) > labels.numel():
-        raise ValueError(f"Invalid sizes: {list(sizes)} (expected non-negative sizes summing to at most {labels.numel()})")
-    g = torch.Generator().manual_seed(seed)
-    key = torch.empty(labels.numel(), dtype=torch.float64)
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        rank = torch.empty(idx.numel(), dtype=torch.float64)
-        rank[torch.randperm(idx.numel(), generator=g)] = torch.arange(idx.numel(), dtype=torch.float64)
-        key[idx] = (rank + 0.5) / idx.numel()
-    # ties (same fraction in classes of equal size) are broken by a random permutation of classes
-    tiebreak = torch.randperm(labels.numel(), generator=g).double() / (labels.numel() * 1e6)
-    order = torch.argsort(key + tiebreak, stable=True)
-    parts, start = [], 0
-    for s in sizes:
-        parts.append(order[start : start + s].sort().values)
-        start += s
-    return parts
 
 
 def _torchvision_mnist(data_dir: str, train: bool) -> tuple[Tensor, Tensor]:
