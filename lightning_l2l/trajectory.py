@@ -106,6 +106,7 @@ def unroll(
     step_weights: str = "uniform",
     horizon: int | None = None,
     lr: float = 1.0,
+    zero_grads: str = "update",
 ) -> UnrollResult:
     """Advance ``traj`` by ``num_steps`` rule steps (in place) and return the losses.
 
@@ -125,6 +126,9 @@ def unroll(
             needs ``horizon``, the trajectory's length, since ``t`` counts from its start.
         lr: multiplier of the rule's updates, ``theta_{t+1} = theta_t + lr * g_t`` (what
             :class:`~lightning_l2l.LearnedOptimizer`'s ``lr`` does; 1: the rule as meta-trained).
+        zero_grads: what the rule does with a gradient entry that is exactly zero: ``"update"`` (it
+            sees the zero like any gradient; the paper) or ``"skip"`` (no update, state unchanged;
+            ``LearnedOptimizer``'s default). See :func:`~lightning_l2l.nets.apply_rule`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Invalid objective: {objective!r} (expected one of {OBJECTIVES})")
@@ -160,16 +164,22 @@ def unroll(
             if i == num_steps:
                 break
             grads = torch.autograd.grad(
-                loss, list(params.values()), create_graph=second_derivatives, retain_graph=differentiable
+                loss,
+                list(params.values()),
+                create_graph=second_derivatives,
+                retain_graph=differentiable,
+                allow_unused=True,  # a parameter the loss does not use: no gradient, skipped
             )
             grads_by_name = {
-                n: g if second_derivatives else g.detach() for n, g in zip(params.keys(), grads, strict=True)
+                n: None if g is None else g if second_derivatives else g.detach()
+                for n, g in zip(params.keys(), grads, strict=True)
             }
             with torch.set_grad_enabled(differentiable):  # frozen: new params and states carry no graph
-                updates, traj.states = apply_rule(rule, traj.layout, grads_by_name, traj.states)
+                result = apply_rule(rule, traj.layout, grads_by_name, traj.states, zero_grads=zero_grads)
+                updates, traj.states = result.updates, result.states
                 if lr != 1.0:
                     updates = {n: u * lr for n, u in updates.items()}
-                traj.params = {n: params[n] + updates[n] for n in params}
+                traj.params = {n: params[n] + updates[n] if n in updates else params[n] for n in params}
             traj.step += 1
     curve_t = torch.stack(curve)
     meta_loss = torch.stack(terms).mean() if terms else curve_t.new_zeros(())
@@ -177,20 +187,31 @@ def unroll(
 
 
 def rule_curve(
-    rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None, lr: float = 1.0
+    rule: UpdateRule,
+    task: Task,
+    num_steps: int,
+    device: torch.device | str | None = None,
+    lr: float = 1.0,
+    zero_grads: str = "update",
 ) -> Tensor:
     """Loss per problem along ``num_steps`` steps of the frozen ``rule`` from ``theta_0``: ``(num_steps + 1,)``.
 
     Records the task's ``eval_loss`` (e.g. the full-data loss) where it defines one, else the
-    step's loss. ``lr`` multiplies the rule's updates (``LearnedOptimizer(lr=...)``).
+    step's loss. ``lr`` multiplies the rule's updates (``LearnedOptimizer(lr=...)``), ``zero_grads``
+    is :func:`unroll`'s.
     """
     with torch.inference_mode(False):
         traj = Trajectory.start(rule, task, device)
-        return unroll(rule, traj, num_steps, differentiable=False, eval_curve=True, lr=lr).curve
+        return unroll(rule, traj, num_steps, differentiable=False, eval_curve=True, lr=lr, zero_grads=zero_grads).curve
 
 
 def frozen_run(
-    rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None, lr: float = 1.0
+    rule: UpdateRule,
+    task: Task,
+    num_steps: int,
+    device: torch.device | str | None = None,
+    lr: float = 1.0,
+    zero_grads: str = "update",
 ) -> tuple[Tensor, Tensor]:
     """``num_steps`` steps of the frozen ``rule`` from ``theta_0``: the steps' losses and the final loss.
 
@@ -203,7 +224,7 @@ def frozen_run(
     """
     with torch.inference_mode(False):
         traj = Trajectory.start(rule, task, device)
-        curve = unroll(rule, traj, num_steps, differentiable=False, lr=lr).curve
+        curve = unroll(rule, traj, num_steps, differentiable=False, lr=lr, zero_grads=zero_grads).curve
         with torch.no_grad():
             recorded = task.eval_loss(traj.params)
     # scaled as unroll scales its curve, so that the number is rule_curve's to the bit
@@ -211,8 +232,13 @@ def frozen_run(
 
 
 def rule_final_loss(
-    rule: UpdateRule, task: Task, num_steps: int, device: torch.device | str | None = None, lr: float = 1.0
+    rule: UpdateRule,
+    task: Task,
+    num_steps: int,
+    device: torch.device | str | None = None,
+    lr: float = 1.0,
+    zero_grads: str = "update",
 ) -> Tensor:
     """``rule_curve(rule, task, num_steps, device, lr)[-1]`` at about half the cost (:func:`frozen_run`):
     what checkpoint selection and the tuning of an update multiplier look at."""
-    return frozen_run(rule, task, num_steps, device, lr)[1]
+    return frozen_run(rule, task, num_steps, device, lr, zero_grads)[1]

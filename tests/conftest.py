@@ -1,4 +1,4 @@
-"""Shared "boring" fixtures: tiny, fast and deterministic (STYLE.md, habit 7).
+"""Shared fixtures: tiny, fast and deterministic.
 
 Fixtures any test file may use:
 
@@ -17,12 +17,39 @@ An autouse fixture seeds the global RNG with ``torch.manual_seed(0)`` before eve
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM
 from lightning_l2l.tasks import ModuleTask, QuadraticFamily, QuadraticTask
+from lightning_l2l.tasks.images import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fashion_mnist_line() -> str:
+    from tests.image_data import FASHION_SAMPLE_DIR, full_fashion_mnist
+
+    if full_fashion_mnist():
+        return f"Fashion-MNIST: the full set at {FASHION_MNIST_DIR}"
+    return (
+        f"Fashion-MNIST: the full set is not at {FASHION_MNIST_DIR} (`make test` installs it where apt-get can); "
+        f"the conv-net configs run on the 2,000-image sample in {FASHION_SAMPLE_DIR.relative_to(ROOT)}, "
+        "and the tests that need all 70,000 images skip"
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which Fashion-MNIST this run tests on (the conv-net configs read it)."""
+    return _fashion_mnist_line()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The same line after the results (``-q`` hides the header)."""
+    terminalreporter.write_line(_fashion_mnist_line())
 
 
 def pytest_configure(config: pytest.Config) -> None:

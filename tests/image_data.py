@@ -5,7 +5,8 @@
 - :func:`write_fake_cifar10`: CIFAR-10 in torchvision's layout (``cifar-10-batches-py`` pickles).
   torchvision checks the MD5 of the real files; :func:`allow_fake_cifar10` turns that check off.
 - :func:`config_data_args`: the extra ``l2l`` arguments that let a shipped config which reads a
-  user's CIFAR-10 (``dataset: cifar10``) run on a fake copy (used by ``tests/test_cli.py``).
+  user's CIFAR-10 (``dataset: cifar10``) run on a fake copy, and one that reads Fashion-MNIST run on
+  the committed sample of it (:data:`FASHION_SAMPLE_DIR`) where the full set is not installed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,35 @@ import numpy as np
 import pytest
 import yaml
 
-__all__ = ["write_idx", "write_fashion_mnist", "write_fake_cifar10", "allow_fake_cifar10", "config_data_args"]
+from lightning_l2l.tasks.images import FASHION_MNIST_DIR
+
+__all__ = [
+    "FASHION_SAMPLE_DIR",
+    "allow_fake_cifar10",
+    "config_data_args",
+    "full_fashion_mnist",
+    "needs_full_fashion_mnist",
+    "write_fake_cifar10",
+    "write_fashion_mnist",
+    "write_idx",
+]
+
+#: 100 real images per class of Fashion-MNIST's train and test sets (tests/data/make_fashion_mnist_sample.py)
+FASHION_SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "fashion-mnist-sample"
+_FASHION_FILES = [f"{p}-{kind}-ubyte.gz" for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+
+
+def full_fashion_mnist() -> bool:
+    """Whether the full Fashion-MNIST is installed where the configs read it (``FASHION_MNIST_DIR``)."""
+    return all((FASHION_MNIST_DIR / name).is_file() for name in _FASHION_FILES)
+
+
+#: for tests that need all 70,000 images; ``make test`` installs them where ``apt-get`` can
+needs_full_fashion_mnist = pytest.mark.skipif(
+    not full_fashion_mnist(),
+    reason=f"needs the full Fashion-MNIST at {FASHION_MNIST_DIR}: `apt-get install dataset-fashion-mnist` "
+    "(`make test` does this where it can)",
+)
 
 _CODES = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
           np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
@@ -73,14 +102,21 @@ def allow_fake_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def config_data_args(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Extra ``l2l`` arguments for ``config``: families reading CIFAR-10 get a fake copy's ``data_dir``."""
+    """Extra ``l2l`` arguments for ``config``: families reading CIFAR-10 get a fake copy's ``data_dir``;
+    families reading Fashion-MNIST from its default place get the committed sample's where the full set
+    is absent (the same loader and splits on 2,000 real images; the header of the run says so)."""
     model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
     args = []
+    cifar = False
     for key in ("task_family", "eval_family", "test_family"):
         family = model.get(key)
-        if isinstance(family, dict) and (family.get("init_args") or {}).get("dataset") == "cifar10":
+        init = (family.get("init_args") or {}) if isinstance(family, dict) else {}
+        if init.get("dataset") == "cifar10":
             args.append(f"--model.{key}.init_args.data_dir={tmp_path / 'fake_cifar10'}")
-    if args:
+            cifar = True
+        elif init.get("dataset") == "fashion_mnist" and init.get("data_dir") is None and not full_fashion_mnist():
+            args.append(f"--model.{key}.init_args.data_dir={FASHION_SAMPLE_DIR}")
+    if cifar:
         write_fake_cifar10(tmp_path / "fake_cifar10")
         allow_fake_cifar10(monkeypatch)
     return args

@@ -18,17 +18,26 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lightning_l2l.nets import CoordinatewiseLinear, CoordinatewiseLSTM, PerKindRule, WeightsError
-from lightning_l2l.tasks import ConvFamily, ConvTask
-from lightning_l2l.tasks.conv import DEFAULT_KIND_MAP, conv_net, routed_kinds
-from lightning_l2l.tasks.images import FASHION_MNIST_DIR, fashion_mnist, image_pools, load_images, read_idx
-from lightning_l2l.trajectory import Trajectory, frozen_run, rule_curve, rule_final_loss, unroll
-from tests.image_data import allow_fake_cifar10, write_fake_cifar10, write_fashion_mnist, write_idx
-
-needs_fashion = pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="the real Fashion-MNIST needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
+from lightning_l2l.nets import (
+    CoordinatewiseLinear,
+    CoordinatewiseLSTM,
+    PerKindRule,
+    WeightsError,
+    param_kinds,
 )
+from lightning_l2l.tasks import ConvFamily, ConvTask
+from lightning_l2l.tasks.conv import DEFAULT_KIND_MAP, conv_net
+from lightning_l2l.tasks.images import fashion_mnist, image_pools, load_images, read_idx
+from lightning_l2l.trajectory import Trajectory, frozen_run, rule_curve, rule_final_loss, unroll
+from tests.image_data import (
+    allow_fake_cifar10,
+    needs_full_fashion_mnist,
+    write_fake_cifar10,
+    write_fashion_mnist,
+    write_idx,
+)
+
+needs_fashion = needs_full_fashion_mnist
 
 
 @pytest.fixture
@@ -157,24 +166,24 @@ def test_conv_net_rejects_bad_architectures(kwargs, message):
 
 
 def test_default_routing_is_the_authors():
-    kinds = routed_kinds(conv_net())
+    kinds = param_kinds(conv_net(), DEFAULT_KIND_MAP)
     assert {n for n, k in kinds.items() if k == "conv"} == {"conv1.weight", "conv2.weight", "conv3.weight"}
     assert set(kinds.values()) == {"conv", "fc"}
-    no_bn = routed_kinds(conv_net(batch_norm=False))
+    no_bn = param_kinds(conv_net(batch_norm=False), DEFAULT_KIND_MAP)
     assert no_bn["conv1.bias"] == "fc" and no_bn["conv1.weight"] == "conv"
     assert DEFAULT_KIND_MAP == {"conv.bias": "fc", "norm": "fc"}
 
 
 def test_kind_map_is_configurable_most_specific_key_first():
     net = conv_net()
-    assert routed_kinds(net, {"norm": "conv"})["bn1.weight"] == "conv"
-    plain = routed_kinds(net, {})
+    assert param_kinds(net, {"norm": "conv"})["bn1.weight"] == "conv"
+    plain = param_kinds(net, {})
     assert plain["bn1.bias"] == "norm" and plain["fc1.weight"] == "fc"
-    mixed = routed_kinds(net, {"norm": "conv", "norm.bias": "fc", "bn_fc1.weight": "fc"})
+    mixed = param_kinds(net, {"norm": "conv", "norm.bias": "fc", "bn_fc1.weight": "fc"})
     assert (mixed["bn1.weight"], mixed["bn1.bias"], mixed["bn_fc1.weight"]) == ("conv", "fc", "fc")
     for bad in ({"nrom": "fc"}, {"conv.bias.x": "fc"}, {"conv1.wieght": "fc"}, {"norm": ""}):
         with pytest.raises(ValueError, match="Invalid kind_map"):
-            routed_kinds(net, bad)
+            param_kinds(net, bad)
 
 
 def test_per_kind_rule_gets_each_parameter_from_its_network(fashion_dir):
@@ -310,30 +319,38 @@ def test_learned_optimizer_with_routed_groups_matches_meta_training(fashion_dir)
     rule = PerKindRule({"conv": CoordinatewiseLSTM(hidden_size=4), "fc": CoordinatewiseLSTM(hidden_size=4)},
                        default="fc")
 
-    def routed_groups(model: nn.Module) -> LearnedOptimizer:
-        kinds = routed_kinds(model, family.kind_map)
-        return LearnedOptimizer([{"params": [p], "kind": kinds[n]} for n, p in model.named_parameters()], rule)
+    def routed_groups(model: nn.Module, zero_grads: str) -> LearnedOptimizer:
+        kinds = param_kinds(model, family.kind_map)
+        groups = [{"params": [p], "kind": kinds[n]} for n, p in model.named_parameters()]
+        return LearnedOptimizer(groups, rule, zero_grads=zero_grads)
 
     _steps_match_meta_training(family, rule, routed_groups)
 
 
-def _steps_match_meta_training(family: ConvFamily, rule, make_optimizer) -> None:
-    """Three steps of ``make_optimizer(model)`` on a net that starts where a task does land where meta-training's
-    frozen unroll of ``rule`` on that task lands."""
-    task = family.sample(torch.Generator().manual_seed(0))
-    traj = Trajectory.start(rule, task)
-    unroll(rule, traj, 3, differentiable=False)
-    model = family.build_net()
-    with torch.no_grad():
+def _steps_match_meta_training(family: ConvFamily, rule, make_optimizer, modes_differ: bool = False) -> None:
+    """Three steps of ``make_optimizer(model, zero_grads)`` on a net that starts where a task does land where
+    meta-training's frozen unroll of ``rule`` on that task lands, with either treatment of exactly-zero
+    gradients (``modes_differ``: the net has some, e.g. the ReLU features of a conv net without batch norm,
+    so the two modes must land in different places)."""
+    ends = {}
+    for zero_grads in ("update", "skip"):
+        task = family.sample(torch.Generator().manual_seed(0))
+        traj = Trajectory.start(rule, task)
+        unroll(rule, traj, 3, differentiable=False, zero_grads=zero_grads)
+        model = family.build_net()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(task.init_params()[name])
+        opt = make_optimizer(model, zero_grads)
+        for step in range(3):
+            opt.zero_grad()
+            task.loss(dict(model.named_parameters()), step).backward()
+            opt.step()
         for name, p in model.named_parameters():
-            p.copy_(task.init_params()[name])
-    opt = make_optimizer(model)
-    for step in range(3):
-        opt.zero_grad()
-        task.loss(dict(model.named_parameters()), step).backward()
-        opt.step()
-    for name, p in model.named_parameters():
-        assert_close(p.detach(), traj.params[name], msg=name)
+            assert_close(p.detach(), traj.params[name], msg=f"{name} ({zero_grads})")
+        ends[zero_grads] = traj.params
+    differ = any(not torch.equal(ends["update"][n], ends["skip"][n]) for n in ends["update"])
+    assert differ == modes_differ
 
 
 def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_path):
@@ -346,7 +363,7 @@ def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_pa
 
     from lightning_l2l import LearnedOptimizer, MetaLearner
     from lightning_l2l.export import export_checkpoint
-    from lightning_l2l.nets import load_rule, module_param_kinds, save_rule
+    from lightning_l2l.nets import load_rule, save_rule
 
     family = tiny_family(fashion_dir, batch_norm=False)  # without batch norm the conv layers have biases
     torch.manual_seed(0)
@@ -368,18 +385,18 @@ def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_pa
             export_checkpoint(tmp_path / "meta.ckpt", tmp_path / "bad", kind_map=bad)
     assert not list(tmp_path.glob("bad*"))
 
-    def from_module(model: nn.Module) -> LearnedOptimizer:
-        opt = LearnedOptimizer.from_module(model, str(path))
+    def from_module(model: nn.Module, zero_grads: str) -> LearnedOptimizer:
+        opt = LearnedOptimizer.from_module(model, str(path), zero_grads=zero_grads)
         kind_of = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
-        assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == routed_kinds(model, family.kind_map)
+        assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == param_kinds(model, family.kind_map)
         assert kind_of[id(model.conv1.bias)] == "fc"
         return opt
 
-    _steps_match_meta_training(family, exported, from_module)
+    _steps_match_meta_training(family, exported, from_module, modes_differ=True)
     model = family.build_net()
     plain = LearnedOptimizer.from_module(model, str(path), kind_map={})
     kind_of = {id(p): g["kind"] for g in plain.param_groups for p in g["params"]}
-    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == module_param_kinds(model)
+    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == param_kinds(model)
     assert kind_of[id(model.conv1.bias)] == "conv"
     with pytest.raises(ValueError, match="Invalid kind_map key 'conv.bias.x'"):
         LearnedOptimizer.from_module(model, str(path), kind_map={"conv.bias.x": "fc"})
@@ -387,7 +404,7 @@ def test_exported_weights_carry_their_routing_to_from_module(fashion_dir, tmp_pa
     named = save_rule(exported, tmp_path / "named", {**meta, "kind_map": {**DEFAULT_KIND_MAP, "head.weight": "conv"}})
     opt = LearnedOptimizer.from_module(model, str(named))
     kind_of = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
-    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == routed_kinds(model, DEFAULT_KIND_MAP)
+    assert {n: kind_of[id(p)] for n, p in model.named_parameters()} == param_kinds(model, DEFAULT_KIND_MAP)
 
 
 # ----------------------------------------------------------- benchmarks/conv_compare.py: the rule's lr

@@ -20,15 +20,14 @@ from lightning_l2l.evaluation import baseline_curve
 from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule, ScaledRule
 from lightning_l2l.pretrained import available, resolve
 from lightning_l2l.tasks import ConvFamily
-from lightning_l2l.tasks.images import FASHION_MNIST_DIR
 from lightning_l2l.trajectory import rule_curve
 from tests.benchmark_scripts import load_benchmark
+from tests.image_data import needs_full_fashion_mnist
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif("conv" not in available(), reason="needs the shipped conv weights"),
-    pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-                       reason="needs `apt-get install dataset-fashion-mnist`"),
+    needs_full_fashion_mnist,
 ]
 
 NUM_TEST = 32

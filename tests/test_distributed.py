@@ -21,8 +21,10 @@ from lightning_l2l import LearnedOptimizerCallback, _distributed
 from lightning_l2l.meta import MetaLearner
 from lightning_l2l.nets import CoordinatewiseLSTM
 from lightning_l2l.tasks import QuadraticFamily
-from lightning_l2l.tasks.images import FASHION_MNIST_DIR
 from tests.benchmark_scripts import load_benchmark
+from tests.image_data import config_data_args
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -218,14 +220,13 @@ def test_mixed_precision_meta_training_on_gpu(precision):
 
 
 
-@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="configs/conv.yaml reads the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`")
 def test_precision_throughput_benchmark_shrunk_on_cpu(tmp_path, monkeypatch):
     """``benchmarks/precision_throughput.py`` on the shipped conv config, shrunk: fp32 and bf16-mixed rows."""
     bench = load_benchmark("precision_throughput")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "throughput.json"
     shrink = ["--model.horizon=4", "--model.unroll=2", "--model.num_val_tasks=1", "--model.num_test_tasks=1"]
+    shrink += config_data_args(ROOT / "configs" / "conv.yaml", tmp_path, monkeypatch)  # the sample if need be
     threads = torch.get_num_threads()
     try:  # the config sets torch_num_threads: 1 for the process
         rows = bench.main(["--accelerator", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out), "--", *shrink])

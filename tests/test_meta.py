@@ -166,6 +166,35 @@ def test_second_derivatives_option_reaches_unroll(tmp_path):
     assert not torch.allclose(results[0], results[1])
 
 
+class _WithUnusedParam(TaskFamily):
+    """Quadratics plus a parameter whose gradient is exactly zero at every step, and one the loss never uses."""
+
+    def sample(self, generator):
+        quadratic = QuadraticFamily(dim=4, num_functions=16).sample(generator)
+
+        class Task(type(quadratic)):
+            def init_params(self):
+                return {**super().init_params(), "zero": torch.ones(3), "unused": torch.ones(2)}
+
+            def loss(self, params, step):
+                rest = {k: v for k, v in params.items() if k not in ("zero", "unused")}
+                return super().loss(rest, step) + 0.0 * params["zero"].sum()
+
+        quadratic.__class__ = Task
+        return quadratic
+
+
+@pytest.mark.parametrize("zero_grads", ["update", "skip"])
+def test_zero_grads_reaches_meta_training_and_validation(tmp_path, zero_grads):
+    """``zero_grads`` is what the unrolled rule does with exactly-zero gradients, in training and validation."""
+    torch.manual_seed(0)
+    model = _small(task_family=_WithUnusedParam(), zero_grads=zero_grads)
+    _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model)
+    moved = not torch.equal(model._traj.params["zero"].detach(), torch.ones(3))
+    assert moved is (zero_grads == "update")
+    assert torch.equal(model._traj.params["unused"].detach(), torch.ones(2))  # no gradient: never moves
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -175,6 +204,7 @@ def test_second_derivatives_option_reaches_unroll(tmp_path):
         (dict(meta_lr=0.0), "Invalid meta_lr"),
         (dict(baselines=["adamw"]), "unknown baselines ['adamw']"),
         (dict(num_val_tasks=0), "Invalid num_val_tasks"),
+        (dict(zero_grads="ignore"), "Invalid zero_grads: 'ignore'"),
     ],
 )
 def test_bad_arguments_say_what_to_fix(kwargs, message):

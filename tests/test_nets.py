@@ -25,7 +25,7 @@ from lightning_l2l.nets import (
     build_rule,
     layer_kind,
     load_rule,
-    module_param_kinds,
+    param_kinds,
     parse_multiplier,
     save_rule,
     scale_rule,
@@ -320,7 +320,8 @@ def test_apply_rule_matches_per_tensor_calls(layout: KindLayout, lstm_rule: Coor
     """One batched call per kind equals calling the rule per tensor on that tensor's state slice."""
     grads = {n: torch.randn(s) for n, s in SHAPES.items()}
     states = {k: torch.randn_like(s) for k, s in layout.init_state(lstm_rule).items()}
-    updates, new_states = apply_rule(lstm_rule, layout, grads, states)
+    out = apply_rule(lstm_rule, layout, grads, states)
+    updates, new_states = out.updates, out.states
     offsets = {k: 0 for k in layout.kinds}
     for name, shape in SHAPES.items():
         kind = KINDS.get(name, DEFAULT_KIND)
@@ -356,7 +357,8 @@ def test_apply_rule_sgd_parity_float64() -> None:
         p = {n: t.detach().requires_grad_() for n, t in params.items()}
         grads = dict(zip(p, torch.autograd.grad(loss_fn(p), list(p.values())), strict=True))
         with torch.no_grad():
-            updates, states = apply_rule(rule, lay, grads, states)
+            out = apply_rule(rule, lay, grads, states)
+            updates, states = out.updates, out.states
         params = {n: p[n].detach() + updates[n] for n in p}
         opt.zero_grad()
         loss_fn(ref).backward()
@@ -374,7 +376,7 @@ def test_per_kind_routes_each_kind() -> None:
     assert rule.kinds() == ("conv", "fc")
     lay = KindLayout({"c": (3,), "f": (2,), "n": (2,), "x": (1,)}, {"c": "conv", "f": "fc", "n": "norm"})
     grads = {"c": torch.ones(3), "f": torch.ones(2), "n": torch.ones(2), "x": torch.ones(1)}
-    updates, _ = apply_rule(rule, lay, grads, lay.init_state(rule))
+    updates = apply_rule(rule, lay, grads, lay.init_state(rule)).updates
     assert_close(updates["c"], torch.full((3,), -0.1))
     assert_close(updates["f"], torch.full((2,), -0.2))
     assert_close(updates["n"], torch.full((2,), -0.2))  # unknown kind -> default (fc)
@@ -625,10 +627,10 @@ def test_parse_multiplier() -> None:
             parse_multiplier(bad)
 
 
-def test_module_param_kinds_by_layer() -> None:
+def test_param_kinds_by_layer() -> None:
     """Conv2d -> conv, Linear -> fc, BatchNorm2d -> norm (weights and biases); qualified names."""
     net = _Net()
-    kinds = module_param_kinds(net)
+    kinds = param_kinds(net)
     assert kinds == {
         "features.0.weight": "conv",
         "features.0.bias": "conv",

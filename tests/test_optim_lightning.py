@@ -296,6 +296,29 @@ def test_callback_bad_arguments():
         LearnedOptimizerCallback(chunk_size=0)
     with pytest.raises(ValueError, match="Invalid compile: 'yes'"):
         LearnedOptimizerCallback(compile="yes")
+    with pytest.raises(ValueError, match="Invalid zero_grads: 'none'"):
+        LearnedOptimizerCallback(zero_grads="none")
+
+
+class FrozenBias(UserModel):
+    """A model whose last bias gets an exactly-zero gradient at every step (as a pruned or unused one would)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + 0.0 * self.net[2].bias.sum()
+
+    def on_after_backward(self):
+        self.net[2].bias.grad.zero_()
+
+
+@pytest.mark.parametrize("zero_grads", ["skip", "update"])
+def test_callback_zero_grads_reaches_the_optimizer(tmp_path, weights, zero_grads):
+    model = FrozenBias()
+    before = model.net[2].bias.detach().clone()
+    cb = LearnedOptimizerCallback(weights=weights, zero_grads=zero_grads)
+    _trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model)
+    assert cb.optimizer.zero_grads == zero_grads
+    assert torch.equal(model.net[2].bias.detach(), before) is (zero_grads == "skip")
 
 
 @pytest.mark.parametrize("precision, param_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])

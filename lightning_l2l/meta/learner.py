@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from lightning_l2l._distributed import destroy_process_group_at_exit
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
-from lightning_l2l.nets import PerKindRule, UpdateRule
+from lightning_l2l.nets import ZERO_GRADS, PerKindRule, UpdateRule
 from lightning_l2l.tasks import BatchedTask, Task, TaskFamily
 from lightning_l2l.trajectory import OBJECTIVES, STEP_WEIGHTS, Trajectory, frozen_run, rule_curve, unroll
 
@@ -31,68 +31,51 @@ _COSINE_FLOOR = 0.05
 
 
 class MetaLearner(L.LightningModule):
-    """Meta-trains an update rule ``m(.; phi)`` on tasks sampled from a family.
+    """Meta-trains an update rule ``m(.; phi)`` on tasks sampled from a family (sections 2 and 3).
 
-    One ``training_step`` is one truncation of truncated BPTT (sections 2 and 3 of the paper):
-    run ``unroll`` steps of the current optimizee trajectory with the rule, take the meta-loss
-    ``L(phi) = sum_t w_t f(theta_t)`` (``w_t = 1``, averaged over steps and problems), one
-    ``manual_backward``, clip, one Adam step on ``phi``, detach, and start a new task once the
-    trajectory reaches ``horizon`` steps. A truncation whose losses turn NaN or infinite is dropped
-    (no backward, no step), counted in ``train/nonfinite_trajectories``, and its task replaced.
+    One ``training_step`` is one truncation of truncated BPTT: ``unroll`` rule steps along the
+    current optimizee trajectory, the meta-loss ``L(phi) = sum_t w_t f(theta_t)`` (eq. 2, averaged
+    over steps and problems), one backward, clipping, one Adam step on ``phi``; a new task starts
+    when the trajectory reaches ``horizon``. A truncation with a non-finite loss or meta-gradient is
+    dropped (no step), counted in ``train/nonfinite_trajectories``, and its task replaced.
 
-    Validation runs the frozen rule for ``horizon`` steps on ``num_val_tasks`` fixed held-out tasks
-    and logs ``val/final_loss`` (mean loss per problem after the last step) and ``val/mean_loss``
-    (the mean of the steps' losses over the trajectory: the paper's meta-objective ``L(phi)`` on
-    the validation tasks); a ``ModelCheckpoint`` on ``val/final_loss`` keeps the early-stopped
-    optimizer the paper reports. Test runs the frozen rule on ``num_test_tasks`` fresh tasks against
-    SGD, NAG, RMSprop and Adam at learning rates tuned on the validation tasks, and writes a table,
-    a CSV of the curves and a plot. ``val/final_loss`` and the test curves are the tasks' ``eval_loss``
-    where they define one (e.g. the full-data loss of a minibatch task), else the step's loss.
+    Validation runs the frozen rule for ``horizon`` steps on ``num_val_tasks`` fixed tasks and logs
+    ``val/final_loss`` (mean final loss per problem; what checkpointing selects on) and
+    ``val/mean_loss`` (``L(phi)`` on those tasks). Test runs it on ``num_test_tasks`` fresh tasks
+    against the ``baselines`` at learning rates tuned on the validation tasks and writes
+    ``comparison.{md,csv,png}``. Evaluation losses are a task's ``eval_loss`` where it has one.
 
     Args:
         rule: the update rule to meta-train (e.g. ``CoordinatewiseLSTM``).
-        task_family: tasks for meta-training; validation and test tasks come from it too, from
-            seed streams training never draws from, unless ``eval_family`` is given.
-        eval_family: family for validation and test tasks (e.g. more steps or held-out data).
-        test_family: family for test tasks only (e.g. a test split of held-out data that
-            validation, and so checkpoint selection and baseline tuning, never see); default:
-            ``eval_family``.
+        task_family: training tasks; validation and test tasks come from separate seed streams of
+            it unless ``eval_family`` is given.
+        eval_family: family of the validation and test tasks.
+        test_family: family of the test tasks only (default ``eval_family``).
         horizon: optimizee steps per trajectory (paper: 100).
-        unroll: steps per truncation (paper: 20); must divide into the horizon at most once per step.
-        meta_lr: Adam learning rate on the rule's weights.
-        meta_lr_schedule: ``"constant"``, or ``"cosine"``: anneal to ``0.05 * meta_lr`` over the
-            run's ``max_steps`` (steadier early-stopped weights for the same budget). A fit resumed
-            with another ``max_steps`` follows the cosine over the new length (with a warning).
-        grad_clip: gradient-norm clip on the meta-gradient (``0`` disables).
+        unroll: steps per truncation (paper: 20); at most ``horizon``.
+        meta_lr: Adam learning rate on ``phi``.
+        meta_lr_schedule: ``"constant"`` or ``"cosine"`` (to ``0.05 * meta_lr`` over ``max_steps``).
+        grad_clip: norm clip of the meta-gradient (``0``: none).
         second_derivatives: backpropagate through the optimizee gradients (paper: off).
-        truncations_per_epoch: training steps per epoch (sets how often validation runs).
-        num_val_tasks: held-out validation tasks (also used to tune the baselines).
-        num_test_tasks: held-out test tasks.
+        truncations_per_epoch: training steps per epoch (how often validation runs).
+        num_val_tasks: validation tasks (also tune the baselines).
+        num_test_tasks: test tasks.
         seed: base seed of every task stream.
-        baselines: baselines the test compares against.
+        baselines: names from :data:`~lightning_l2l.evaluation.BASELINES` the test compares against.
         lr_grid: learning rates the baselines are tuned over.
-        report_dir: where test writes ``comparison.{md,csv,png}``; default: the logger's directory.
-        meta_objective: ``"mean"``: the paper's ``L(phi)``, the mean loss over each truncation;
-            ``"log_mean"``: the mean log loss, so that the small losses late in a trajectory weigh
-            as much as the large early ones (not in the paper; see :func:`~lightning_l2l.trajectory.unroll`).
-        step_weights: the ``w_t`` of eq. 2: ``"uniform"`` (``w_t = 1``, the paper) or ``"linear"``
-            (``w_t = 2t / (horizon + 1)``: the late steps, where a rule is judged, weigh more; see
-            :func:`~lightning_l2l.trajectory.step_weight`).
-        init_weights: start meta-training from these weights instead of the rule's random
-            initialisation (a later stage of a multi-stage recipe, or fine-tuning a shipped rule): a
-            shipped name, an exported ``.safetensors`` file or a ``MetaLearner`` checkpoint. Their
-            network must have the configuration of ``rule``, or, for a
-            :class:`~lightning_l2l.nets.PerKindRule` whose networks all have the configuration of a
-            single-network source, each network starts as a copy of it (a one-LSTM rule untied into
-            per-layer-type LSTMs, section 3.3). Loaded when a fit starts from scratch
-            (``on_fit_start`` without ``ckpt_path``); a resumed fit, ``test``, ``validate`` and
-            ``load_from_checkpoint`` use the checkpoint's weights and never read these.
-        tasks_per_step: optimizees per meta-step (the paper meta-trains on one MNIST network at a time): each
-            truncation runs the rule on this many tasks side by side (a :class:`~lightning_l2l.tasks.BatchedTask`,
-            one rule call per kind per step) and takes one meta-gradient of their mean loss per
-            problem: less meta-gradient noise for proportionally more compute per meta-step. With
-            ``meta_objective="log_mean"`` the log is of that mean, so the task that is furthest from
-            done weighs the most, as it does in a mean final loss over tasks.
+        report_dir: where test writes its report (default: the logger's directory).
+        meta_objective: ``"mean"`` (the paper's ``L(phi)``) or ``"log_mean"`` (mean log loss;
+            :func:`~lightning_l2l.trajectory.unroll`).
+        step_weights: ``w_t``: ``"uniform"`` (paper) or ``"linear"``
+            (:func:`~lightning_l2l.trajectory.step_weight`).
+        init_weights: start from these weights (a shipped name, ``.safetensors`` or ``.ckpt``)
+            instead of the rule's initialisation, when a fit starts from scratch. A single-network
+            source initialises every network of a :class:`~lightning_l2l.nets.PerKindRule` (section 3.3).
+        tasks_per_step: optimizees per meta-step, run side by side as one
+            :class:`~lightning_l2l.tasks.BatchedTask` (paper: 1).
+        zero_grads: ``"update"`` (paper: an exactly-zero gradient goes through the rule) or
+            ``"skip"`` (no update, state kept: what :class:`~lightning_l2l.LearnedOptimizer` does by
+            default); see :func:`~lightning_l2l.nets.apply_rule`.
     """
 
     def __init__(
@@ -118,6 +101,7 @@ class MetaLearner(L.LightningModule):
         step_weights: str = "uniform",
         init_weights: str | None = None,
         tasks_per_step: int = 1,
+        zero_grads: str = "update",
     ) -> None:
         super().__init__()
         if not isinstance(rule, UpdateRule):
@@ -143,6 +127,8 @@ class MetaLearner(L.LightningModule):
             raise ValueError(f"Invalid meta_objective: {meta_objective!r} (expected one of {OBJECTIVES})")
         if step_weights not in STEP_WEIGHTS:
             raise ValueError(f"Invalid step_weights: {step_weights!r} (expected one of {STEP_WEIGHTS})")
+        if zero_grads not in ZERO_GRADS:
+            raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
         if grad_clip < 0:
             raise ValueError(f"Invalid grad_clip: {grad_clip} (expected >= 0; 0 disables clipping)")
         for name, n in (("truncations_per_epoch", truncations_per_epoch), ("num_val_tasks", num_val_tasks),
@@ -283,7 +269,7 @@ class MetaLearner(L.LightningModule):
         result = unroll(
             self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives,
             objective=self.hparams.meta_objective, step_weights=self.hparams.step_weights,
-            horizon=self.hparams.horizon,
+            horizon=self.hparams.horizon, zero_grads=self.hparams.zero_grads,
         )
         opt = self.optimizers()
         finite = bool(result.finite and torch.isfinite(result.meta_loss))
@@ -334,7 +320,7 @@ class MetaLearner(L.LightningModule):
         task = self.val_tasks[int(batch)].to(self.device)
         # the steps' minibatch losses and the eval_loss at the end only (an eval_loss at every step would
         # double the cost of a validation on image tasks)
-        curve, final = frozen_run(self.rule, task, self.hparams.horizon, self.device)
+        curve, final = frozen_run(self.rule, task, self.hparams.horizon, self.device, zero_grads=self.hparams.zero_grads)
         final = final if torch.isfinite(final) else torch.tensor(math.inf)
         self.val_final.update(final, weight=task.num_problems)
         self.val_mean.update(curve[1:].mean(), weight=task.num_problems)
@@ -347,7 +333,7 @@ class MetaLearner(L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         task = self.test_tasks[int(batch)].to(self.device)
-        curve = rule_curve(self.rule, task, self.hparams.horizon, self.device)
+        curve = rule_curve(self.rule, task, self.hparams.horizon, self.device, zero_grads=self.hparams.zero_grads)
         self._test_curves.append(curve.cpu())
         self.test_final.update(curve[-1], weight=task.num_problems)
         self.log("test/learned_final_loss", self.test_final)

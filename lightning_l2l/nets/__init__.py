@@ -4,8 +4,8 @@ Nothing here knows about tasks, Lightning or ``torch.optim``.
 """
 
 from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
-from lightning_l2l.nets.kinds import layer_kind, module_param_kinds, route_param_kinds
-from lightning_l2l.nets.layout import KindLayout, apply_rule
+from lightning_l2l.nets.kinds import layer_kind, param_kinds, params_by_kind, shape_kind
+from lightning_l2l.nets.layout import ZERO_GRADS, KindLayout, RuleStep, apply_rule
 from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
 from lightning_l2l.nets.per_kind import PerKindRule
@@ -23,9 +23,12 @@ __all__ = [
     "scale_rule",
     "parse_multiplier",
     "layer_kind",
-    "module_param_kinds",
-    "route_param_kinds",
+    "param_kinds",
+    "params_by_kind",
+    "shape_kind",
     "KindLayout",
+    "RuleStep",
+    "ZERO_GRADS",
     "apply_rule",
     "log_sign",
     "preprocess",

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UpdateRule", "DEFAULT_KIND"]
+from lightning_l2l.nets.kinds import DEFAULT_KIND
 
-DEFAULT_KIND = "default"
+__all__ = ["UpdateRule", "DEFAULT_KIND"]
 
 
 class UpdateRule(nn.Module, ABC):

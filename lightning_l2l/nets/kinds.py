@@ -1,12 +1,31 @@
-"""Parameter kinds by owning layer type: how a parameter is routed to a per-kind network."""
+"""Parameter kinds: which network of a per-kind rule updates a parameter (section 3.3 of the paper).
+
+The one router is :func:`param_kinds`: a parameter's kind is that of the layer owning it
+(:func:`layer_kind`), optionally re-routed by a ``kind_map``. :func:`shape_kind` is the fallback for
+tensors whose layer is unknown. Everything that needs a kind (tasks, ``LearnedOptimizer``, export)
+asks these functions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["KIND_BY_LAYER", "check_kind_map", "layer_kind", "module_param_kinds", "portable_kind_map", "route_param_kinds"]
+__all__ = [
+    "DEFAULT_KIND",
+    "KIND_BY_LAYER",
+    "LAYER_KINDS",
+    "check_kind_map",
+    "layer_kind",
+    "param_kinds",
+    "params_by_kind",
+    "portable_kind_map",
+    "shape_kind",
+]
+
+#: the kind of a parameter nothing says more about; a per-kind rule sends it to its default network
+DEFAULT_KIND = "default"
 
 KIND_BY_LAYER: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "conv"),
@@ -22,19 +41,6 @@ def layer_kind(module: nn.Module) -> str:
         if isinstance(module, types):
             return kind
     return "other"
-
-
-def module_param_kinds(module: nn.Module) -> dict[str, str]:
-    """Kind of every parameter of ``module`` (by qualified name), from the layer that owns it.
-
-    A bias has the kind of its layer (a conv bias is ``conv``).
-    """
-    kinds: dict[str, str] = {}
-    for mod_name, mod in module.named_modules():
-        kind = layer_kind(mod)
-        for p_name, _ in mod.named_parameters(recurse=False):
-            kinds[f"{mod_name}.{p_name}" if mod_name else p_name] = kind
-    return kinds
 
 
 LAYER_KINDS: frozenset[str] = frozenset({kind for _, kind in KIND_BY_LAYER} | {"other"})
@@ -71,21 +77,61 @@ def check_kind_map(kind_map: Mapping[str, str], module: nn.Module | None = None)
         )
 
 
-def route_param_kinds(module: nn.Module, kind_map: Mapping[str, str]) -> dict[str, str]:
-    """Kind of every parameter of ``module`` after ``kind_map``, which may send a parameter to another kind.
+def param_kinds(module: nn.Module, kind_map: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The kind of every parameter of ``module``, by qualified name: the one router.
 
-    A parameter's kind is ``kind_map[name]``, else ``kind_map["<layer kind>.<leaf name>"]`` (e.g.
-    ``"conv.bias"``), else ``kind_map["<layer kind>"]`` (e.g. ``"norm"``), else its layer kind
-    (:func:`module_param_kinds`). ``{}`` routes nothing.
+    Without ``kind_map`` a parameter has the kind of the layer that owns it (:func:`layer_kind`; a
+    conv bias is ``conv``). ``kind_map`` may send parameters elsewhere: a parameter's kind is then
+    ``kind_map[name]``, else ``kind_map["<layer kind>.<leaf name>"]`` (e.g. ``"conv.bias"``), else
+    ``kind_map["<layer kind>"]`` (e.g. ``"norm"``), else its layer kind. ``{}`` routes nothing.
+
+    Raises:
+        ValueError: ``kind_map`` has a key that is neither a layer kind, ``"<layer kind>.<leaf>"``
+            nor a parameter name of ``module`` (:func:`check_kind_map`).
     """
+    kind_map = {} if kind_map is None else kind_map
     check_kind_map(kind_map, module)
     out: dict[str, str] = {}
-    for name, kind in module_param_kinds(module).items():
-        leaf = name.rsplit(".", 1)[-1]
-        for key in (name, f"{kind}.{leaf}", kind):
-            if key in kind_map:
-                out[name] = kind_map[key]
-                break
-        else:
-            out[name] = kind
+    for mod_name, mod in module.named_modules():
+        kind = layer_kind(mod)
+        for leaf, _ in mod.named_parameters(recurse=False):
+            name = f"{mod_name}.{leaf}" if mod_name else leaf
+            out[name] = next((kind_map[k] for k in (name, f"{kind}.{leaf}", kind) if k in kind_map), kind)
     return out
+
+
+def shape_kind(param: Tensor) -> str:
+    """The kind of a tensor whose owning layer is unknown, guessed from its shape.
+
+    ``conv`` for 3 or more dimensions (convolution kernels), ``fc`` for matrices, and
+    :data:`DEFAULT_KIND` for vectors and scalars, whose layer a shape cannot tell (a bias or a norm
+    scale). :func:`param_kinds` knows the owning layer and is better.
+    """
+    if param.dim() >= 3:
+        return "conv"
+    if param.dim() == 2:
+        return "fc"
+    return DEFAULT_KIND
+
+
+def params_by_kind(
+    module: nn.Module, params: Iterable[Tensor] | None = None, kind_map: Mapping[str, str] | None = None
+) -> dict[str | None, list[Tensor]]:
+    """``module``'s parameters (or those of ``params``) grouped by :func:`param_kinds`, in order.
+
+    Parameters of layers :data:`KIND_BY_LAYER` does not know (kind ``other``, unless ``kind_map``
+    routes them) and tensors that are not ``module``'s go under ``None``: their kind is unknown
+    (:func:`shape_kind` is the fallback). A parameter shared by several layers has the kind of the first.
+    """
+    named = dict(module.named_parameters(remove_duplicate=False))
+    kind_by_id: dict[int, str] = {}
+    for name, kind in param_kinds(module, kind_map).items():
+        kind_by_id.setdefault(id(named[name]), kind)
+    groups: dict[str | None, list[Tensor]] = {}
+    seen: set[int] = set()
+    for p in module.parameters() if params is None else params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            kind = kind_by_id.get(id(p))
+            groups.setdefault(None if kind in (None, "other") else kind, []).append(p)
+    return groups

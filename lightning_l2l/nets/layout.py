@@ -1,100 +1,261 @@
-"""Batching parameters by kind: one rule call per kind, whatever the number of tensors.
+"""The one path that applies an update rule to a set of tensors: meta-training and ``LearnedOptimizer`` both call it.
 
-Both meta-training and :class:`~lightning_l2l.LearnedOptimizer` hold a set of named tensors of
-several kinds. :class:`KindLayout` fixes an order, concatenates every kind's tensors into one flat
-vector, and splits updates back, so the rule is called once per kind per step (no Python loop over
-parameters or coordinates in the network call) and each coordinate keeps its own state slice.
+:class:`KindLayout` fixes an order of keyed tensors and lays each kind's coordinates out in one
+flat vector; its states are flat ``(n_kind, *state_shape)`` tensors. :func:`apply_rule` runs the
+rule on them: one network call per kind (per bounded chunk) per step, never one per tensor or
+coordinate, with the same masking of gradients it must not see, differentiably for meta-training
+(:func:`lightning_l2l.trajectory.unroll`) or in place under ``no_grad`` for
+:class:`~lightning_l2l.LearnedOptimizer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_l2l.nets.base import UpdateRule
+from lightning_l2l.nets.kinds import DEFAULT_KIND
 
-__all__ = ["KindLayout", "apply_rule"]
+__all__ = ["KindLayout", "RuleStep", "ZERO_GRADS", "apply_rule"]
+
+#: what :func:`apply_rule` does with a gradient entry that is exactly zero
+ZERO_GRADS = ("update", "skip")
 
 
 @dataclass(frozen=True)
 class _Entry:
-    name: str
+    key: Hashable
     shape: torch.Size
     kind: str
+    offset: int  # first coordinate in its kind's flat vector
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
 
 
 class KindLayout:
-    """A fixed order of named tensors, grouped by kind.
+    """A fixed order of keyed tensors, grouped by kind; each kind's coordinates form one flat vector.
 
     Args:
-        shapes: tensor shape per name, in a fixed order.
-        kinds: kind per name; names missing here get ``default_kind``.
-        default_kind: kind of names not listed in ``kinds``.
+        shapes: shape per key (a parameter name, or any hashable key), in a fixed order.
+        kinds: kind per key; keys missing here get ``default_kind``.
+        default_kind: kind of keys not listed in ``kinds`` (default :data:`~lightning_l2l.nets.DEFAULT_KIND`).
     """
 
     def __init__(
         self,
-        shapes: Mapping[str, Sequence[int]],
-        kinds: Mapping[str, str] | None = None,
-        default_kind: str = "default",
+        shapes: Mapping[Hashable, Sequence[int]],
+        kinds: Mapping[Hashable, str] | None = None,
+        default_kind: str = DEFAULT_KIND,
     ) -> None:
         kinds = kinds or {}
-        unknown = set(kinds) - set(shapes)
+        unknown = [k for k in kinds if k not in shapes]
         if unknown:
-            raise ValueError(f"kinds given for unknown tensors {sorted(unknown)}")
-        self.entries = [_Entry(n, torch.Size(s), kinds.get(n, default_kind)) for n, s in shapes.items()]
+            raise ValueError(f"kinds given for unknown tensors {unknown}")
+        sizes: dict[str, int] = {}
+        self.entries: list[_Entry] = []
         self.by_kind: dict[str, list[_Entry]] = {}
-        for e in self.entries:
-            self.by_kind.setdefault(e.kind, []).append(e)
+        for key, shape in shapes.items():
+            kind = kinds.get(key, default_kind)
+            entry = _Entry(key, torch.Size(shape), kind, sizes.get(kind, 0))
+            sizes[kind] = entry.offset + entry.numel
+            self.entries.append(entry)
+            self.by_kind.setdefault(kind, []).append(entry)
+        self._sizes = sizes
+        self._index = {e.key: e for e in self.entries}
 
     @property
     def kinds(self) -> list[str]:
         return list(self.by_kind)
 
     def numel(self, kind: str) -> int:
-        return sum(e.shape.numel() for e in self.by_kind[kind])
+        return self._sizes[kind]
 
-    def flatten(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def flatten(self, tensors: Mapping[Hashable, Tensor]) -> dict[str, Tensor]:
         """Concatenate each kind's tensors into one ``(n_kind,)`` vector."""
-        return {
-            kind: torch.cat([tensors[e.name].reshape(-1) for e in entries]) if len(entries) > 1
-            else tensors[entries[0].name].reshape(-1)
-            for kind, entries in self.by_kind.items()
-        }
+        return {kind: _cat([tensors[e.key].reshape(-1) for e in entries]) for kind, entries in self.by_kind.items()}
 
-    def unflatten(self, flat: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Inverse of :meth:`flatten`: split each kind's vector back into named tensors."""
-        out: dict[str, Tensor] = {}
-        for kind, entries in self.by_kind.items():
-            pieces = torch.split(flat[kind], [e.shape.numel() for e in entries])
-            for e, piece in zip(entries, pieces, strict=True):
-                out[e.name] = piece.view(e.shape)
-        return {e.name: out[e.name] for e in self.entries}
+    def unflatten(self, flat: Mapping[str, Tensor]) -> dict[Hashable, Tensor]:
+        """Inverse of :meth:`flatten`: each kind's vector split back into keyed tensors (views)."""
+        out = {e.key: flat[e.kind][e.offset : e.offset + e.numel].view(e.shape) for e in self.entries}
+        return out
+
+    def state_of(self, states: Mapping[str, Tensor], key: Hashable) -> Tensor:
+        """The ``(numel, *state_shape)`` slice (a view) of ``states`` that belongs to tensor ``key``."""
+        e = self._index[key]
+        return states[e.kind][e.offset : e.offset + e.numel]
 
     def init_state(
-        self, rule: UpdateRule, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        rule: UpdateRule,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
     ) -> dict[str, Tensor]:
-        """The rule's initial state for every kind, ``{kind: (n_kind, ...)}``."""
-        return {k: rule.init_state(self.numel(k), k, device=device, dtype=dtype) for k in self.by_kind}
+        """The rule's initial state for every kind, ``{kind: (n_kind, *state_shape)}``.
+
+        With ``chunk_size`` the state is written into its buffer a chunk at a time, so building it
+        needs no full-size temporary besides the buffer.
+        """
+        states = {}
+        for kind in self.by_kind:
+            n = self.numel(kind)
+            if chunk_size is None or n <= chunk_size:
+                states[kind] = rule.init_state(n, kind, device=device, dtype=dtype)
+                continue
+            tail = rule.init_state(0, kind, device=device, dtype=dtype).shape[1:]
+            states[kind] = torch.empty((n, *tail), device=device, dtype=dtype or rule.state_dtype())
+            for s in range(0, n, chunk_size):
+                part = states[kind][s : s + chunk_size]
+                part.copy_(rule.init_state(part.shape[0], kind, device=device, dtype=dtype))
+        return states
+
+
+@dataclass
+class RuleStep:
+    """What :func:`apply_rule` returns.
+
+    Attributes:
+        updates: the update of every tensor that had a gradient, by key (absent: no gradient given).
+        states: the new state of every kind (the same tensors as given, with ``inplace=True``).
+        masked: gradient entries that got no update and kept their state (non-finite ones, and exact
+            zeros with ``zero_grads="skip"``): a 0-d tensor, no host sync to read it.
+        nonfinite: non-finite gradient entries among them (0-d tensor).
+        num_coords: coordinates that had a gradient.
+    """
+
+    updates: dict[Hashable, Tensor]
+    states: dict[str, Tensor]
+    masked: Tensor
+    nonfinite: Tensor
+    num_coords: int
 
 
 def apply_rule(
     rule: UpdateRule,
     layout: KindLayout,
-    grads: Mapping[str, Tensor],
+    grads: Mapping[Hashable, Tensor | None],
     states: Mapping[str, Tensor],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One step of ``rule`` on every tensor: ``(updates by name, new states by kind)``.
+    *,
+    chunk_size: int | None = None,
+    zero_grads: str = "update",
+    inplace: bool = False,
+) -> RuleStep:
+    """One step of ``rule`` on every tensor of ``layout``: ``[g, h'] = m(grad, h; phi)`` coordinatewise.
 
-    The single code path behind both meta-training (differentiable) and
-    :class:`~lightning_l2l.LearnedOptimizer` (under ``no_grad``).
+    Each kind's gradients go through the rule in one call (or one per ``chunk_size`` coordinates; the
+    result is the same, since the rule is coordinatewise). A tensor whose gradient is missing or
+    ``None`` is skipped: no update, its state unchanged, and its coordinates are never computed.
+    A gradient entry that is not finite (NaN, +-inf) gives its coordinate a zero update and leaves
+    its state unchanged, as if the step had not happened for it; so does an exact zero with
+    ``zero_grads="skip"`` (with ``"update"`` the rule sees a zero like any other gradient).
+
+    Args:
+        rule: the update rule ``m``.
+        layout: the tensors' order and kinds.
+        grads: gradient per key (any subset of the layout's keys).
+        states: ``{kind: (n_kind, *state_shape)}`` state of every kind in ``layout``.
+        chunk_size: most coordinates per network call (bounds the temporaries); ``None``: one call per run
+            of consecutive tensors with a gradient.
+        zero_grads: ``"update"`` or ``"skip"`` (see above).
+        inplace: write the new states into ``states`` (call under ``torch.no_grad``); otherwise they are
+            new tensors, differentiable in the rule's weights.
     """
-    flat_grads = layout.flatten(grads)
-    flat_updates: dict[str, Tensor] = {}
+    if zero_grads not in ZERO_GRADS:
+        raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1 coordinates per network call, or None)")
+    updates: dict[Hashable, Tensor] = {}
     new_states: dict[str, Tensor] = {}
-    for kind, g in flat_grads.items():
-        flat_updates[kind], new_states[kind] = rule(g, states[kind], kind)
-    return layout.unflatten(flat_updates), new_states
+    masked: list[Tensor] = []
+    nonfinite: list[Tensor] = []
+    num_coords = 0
+    for kind, entries in layout.by_kind.items():
+        state = states[kind]
+        pieces: list[Tensor] = []  # the kind's new state, run by run and gap by gap (not inplace)
+        done = 0
+        for run in _runs(entries, grads):
+            g = _cat([grads[e.key].reshape(-1) for e in run])  # type: ignore[union-attr]  # (n,)
+            start = run[0].offset
+            h = state[start : start + g.numel()]  # (n, *state_shape), a view
+            update, h_new, bad, skipped = _step(rule, g, h, kind, chunk_size, zero_grads, inplace)
+            masked.append(skipped)
+            nonfinite.append(bad)
+            num_coords += g.numel()
+            for e, u in zip(run, torch.split(update, [e.numel for e in run]), strict=True):
+                updates[e.key] = u.view(e.shape)
+            if not inplace:
+                pieces += [state[done:start], h_new]
+                done = start + g.numel()
+        if inplace or done == 0:
+            new_states[kind] = state
+        elif done == state.shape[0] and len(pieces) == 2:
+            new_states[kind] = pieces[1]  # every coordinate had a gradient: the rule's output as it is
+        else:
+            new_states[kind] = torch.cat([*pieces, state[done:]])
+    zero = next(iter(states.values())).new_zeros((), dtype=torch.int64) if states else torch.zeros((), dtype=torch.int64)
+    return RuleStep(
+        updates,
+        new_states,
+        torch.stack(masked).sum() if masked else zero,
+        torch.stack(nonfinite).sum() if nonfinite else zero,
+        num_coords,
+    )
+
+
+def _step(
+    rule: UpdateRule, g: Tensor, h: Tensor, kind: str, chunk_size: int | None, zero_grads: str, inplace: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rule on one flat run: ``(update (n,), new state (n, ...), non-finite count, masked count)``."""
+    finite = torch.isfinite(g)
+    keep = finite & (g != 0) if zero_grads == "skip" else finite
+    bad = (~finite).sum()
+    skipped = bad if keep is finite else (~keep).sum()
+    mask = bool(skipped)  # the one host sync of a run; False in the common case
+    n = g.numel()
+    size = n if chunk_size is None else max(1, min(chunk_size, n))
+    update = torch.empty_like(g) if inplace and size < n else None  # chunks written into it
+    updates: list[Tensor] = []
+    states: list[Tensor] = []
+    for s in range(0, n, size):
+        gc, hc = g[s : s + size], h[s : s + size]
+        u, hn = rule(gc, hc, kind)  # (chunk,), (chunk, *state_shape)
+        if mask:
+            ok = keep[s : s + size]
+            u = torch.where(ok, u, torch.zeros_like(u))
+            hn = torch.where(ok.view(-1, *([1] * (hn.dim() - 1))), hn, hc)
+        if inplace:
+            hc.copy_(hn)
+        else:
+            states.append(hn)
+        if update is not None:
+            update[s : s + u.numel()] = u
+        else:
+            updates.append(u)
+    if update is None:
+        update = _cat(updates) if updates else torch.empty_like(g)
+    return update, h if inplace else (_cat(states) if states else h), bad, skipped
+
+
+def _runs(entries: Sequence[_Entry], grads: Mapping[Hashable, Tensor | None]) -> list[list[_Entry]]:
+    """Maximal runs of consecutive ``entries`` that have a gradient."""
+    runs: list[list[_Entry]] = []
+    current: list[_Entry] | None = None
+    for e in entries:
+        if grads.get(e.key) is None:
+            current = None
+            continue
+        if current is None:
+            current = []
+            runs.append(current)
+        current.append(e)
+    return runs
+
+
+def _cat(tensors: Sequence[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_l2l._distributed import destroy_process_group_at_exit
-from lightning_l2l.nets import UpdateRule
+from lightning_l2l.nets import ZERO_GRADS, UpdateRule
 from lightning_l2l.optim.learned import LearnedOptimizer
 from lightning_l2l.pretrained import Weights, resolve
 
@@ -48,6 +48,8 @@ class LearnedOptimizerCallback(Callback):
             ``MetaLearner`` ``.ckpt`` (default ``"quadratic"``).
         lr: multiplier of the learned update (default ``1.0``).
         chunk_size: coordinates per network call (default ``None``: 16384 on CPU, 524288 on GPUs).
+        zero_grads: ``"skip"`` (default) leaves a coordinate whose gradient is exactly zero untouched,
+            ``"update"`` lets the rule move it (see :class:`LearnedOptimizer`).
         compile: run the network through ``torch.compile`` (default ``False``; see :class:`LearnedOptimizer`).
         log_stats: log the per-step statistics (default ``True``).
     """
@@ -58,6 +60,7 @@ class LearnedOptimizerCallback(Callback):
         *,
         lr: float = 1.0,
         chunk_size: int | None = None,
+        zero_grads: str = "skip",
         compile: bool = False,
         log_stats: bool = True,
     ) -> None:
@@ -66,12 +69,15 @@ class LearnedOptimizerCallback(Callback):
             raise ValueError(f"Invalid learning rate: {lr} (a multiplier of the learned update, expected >= 0)")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1)")
+        if zero_grads not in ZERO_GRADS:
+            raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
         if not isinstance(compile, bool):
             raise ValueError(f"Invalid compile: {compile!r} (expected True or False)")
         resolve(weights)  # an unknown name or a bad file fails here, before any training starts
         self.weights = weights
         self.lr = lr
         self.chunk_size = chunk_size
+        self.zero_grads = zero_grads
         self.compile = compile
         self.log_stats = log_stats
         self.optimizer: LearnedOptimizer | None = None
@@ -123,7 +129,10 @@ class LearnedOptimizerCallback(Callback):
         else:  # configure_optimizers returned None: train every parameter
             params = [p for p in pl_module.parameters() if p.requires_grad]
         self.optimizer = LearnedOptimizer.from_module(
-            pl_module, self.weights, params=params, lr=self.lr, chunk_size=self.chunk_size, compile=self.compile
+            pl_module, self.weights, params=params, lr=self.lr,
+            chunk_size=self.chunk_size,
+            zero_grads=self.zero_grads,
+            compile=self.compile,
         )
         trainer.strategy.optimizers = [self.optimizer]
         self._logged_step = trainer.global_step

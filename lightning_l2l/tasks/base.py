@@ -43,7 +43,7 @@ class Task(ABC):
         return None
 
     def kinds(self) -> dict[str, str]:
-        """Kind of each parameter; parameters not listed are of kind ``"default"``."""
+        """Kind of each parameter; parameters not listed are of kind :data:`~lightning_l2l.nets.kinds.DEFAULT_KIND`."""
         return {}
 
     def to(self, device: torch.device | str) -> Task:

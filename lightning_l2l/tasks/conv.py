@@ -100,17 +100,6 @@ def conv_net(
     return nn.Sequential(layers)
 
 
-def routed_kinds(module: nn.Module, kind_map: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Kind of every parameter of ``module`` after ``kind_map`` (see the module docstring).
-
-    A parameter's kind is ``kind_map[name]``, else ``kind_map["<layer kind>.<leaf name>"]``, else
-    ``kind_map["<layer kind>"]``, else its layer kind. ``kind_map=None`` means :data:`DEFAULT_KIND_MAP`.
-    Use it for a :class:`~lightning_l2l.LearnedOptimizer` on your own network with the shipped ``conv``
-    rule: ``[{"params": [p], "kind": kinds[n]} for n, p in model.named_parameters()]``.
-    """
-    return route_param_kinds(module, DEFAULT_KIND_MAP if kind_map is None else kind_map)
-
-
 class ConvTask(ModuleTask):
     """A conv net trained with the cross-entropy on a pool of images, minibatches drawn from the pool.
 
@@ -241,7 +230,7 @@ class ConvFamily(TaskFamily):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = self.build_net()
-        kinds = routed_kinds(module, self.kind_map)
+        kinds = param_kinds(module, self.kind_map)
         return ConvTask(module, images, targets, eval_images, eval_targets, self.batch_size, seed, kinds)
 
     def __getstate__(self) -> dict:

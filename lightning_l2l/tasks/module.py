@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_l2l.nets.kinds import module_param_kinds
+from lightning_l2l.nets.kinds import param_kinds
 from lightning_l2l.tasks.base import Task, TaskFamily
 
 __all__ = ["ModuleTask", "ModuleTaskFamily"]
@@ -50,7 +50,7 @@ class ModuleTask(Task):
             raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1 or None for full batch)")
         self.module, self.inputs, self.targets, self.loss_fn = module, inputs, targets, loss_fn
         self.batch_size, self.seed = batch_size, seed
-        self._kinds = kinds if kinds is not None else module_param_kinds(module)
+        self._kinds = kinds if kinds is not None else param_kinds(module)
         self._theta0 = {n: p.detach().clone() for n, p in module.named_parameters()}
         # a copy: train-mode layers (batch norm) update running statistics in place, and the
         # user's module must stay as it was
