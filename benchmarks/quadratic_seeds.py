@@ -1,4 +1,4 @@
-"""Meta-train and test the quadratic optimizer over several seeds; print the table the README cites.
+"""Meta-train and test the quadratic optimizer over several seeds; print the table docs/results.md cites.
 
     python benchmarks/quadratic_seeds.py --seeds 0 1 2 [--out runs/quadratic_seeds]
 

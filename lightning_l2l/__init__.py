@@ -8,7 +8,7 @@ from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule, ScaledRule, Upda
 from lightning_l2l.optim import LearnedOptimizer, LearnedOptimizerCallback
 from lightning_l2l.tasks import ModuleTask, ModuleTaskFamily, QuadraticFamily, Task, TaskFamily
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "MetaLearner",

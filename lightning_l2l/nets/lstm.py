@@ -16,11 +16,10 @@ __all__ = ["CoordinatewiseLSTM", "LSTMLayer"]
 class LSTMLayer(nn.Module):
     """One LSTM layer with forget gate (Hochreiter & Schmidhuber 1997; Gers et al. 2000).
 
-    Same equations as :class:`torch.nn.LSTMCell`, laid out for speed on many tiny rows: the three
-    sigmoid gates come from one matmul and the cell input from another, so every activation runs
-    on a contiguous tensor (about 2x faster than ``nn.LSTMCell`` on CPU for 20 units), and the
-    input and the hidden state are never concatenated. The forget
-    gate's bias starts at 1 so that the cell remembers by default.
+    Same equations as :class:`torch.nn.LSTMCell`, laid out for many tiny rows: the three sigmoid
+    gates come from one matmul and the cell input from another, and the input and the hidden state
+    are never concatenated (docs/implementation.md). The forget gate's bias starts at 1 so that the
+    cell remembers by default.
     """
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -38,10 +37,9 @@ class LSTMLayer(nn.Module):
             self.bias_ifo[hidden_size : 2 * hidden_size] += 1.0
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        # [x, h] @ W.T as x @ W_x.T + h @ W_h.T: no (n, input + hidden) concatenation, the costliest
-        # op of the step (about a third faster per layer on CPU). The matmul outputs are fresh
-        # tensors, so the activations run in place (autograd allows it: addmm's backward does not
-        # read its output).
+        # [x, h] @ W.T as x @ W_x.T + h @ W_h.T: no (n, input + hidden) concatenation. The matmul
+        # outputs are fresh tensors, so the activations run in place (addmm's backward does not read
+        # its output).
         n_in = x.shape[1]
         # nested, not in-place addmm_: under autocast the first product is already in the low dtype
         gates = torch.addmm(torch.addmm(self.bias_ifo, x, self.weight_ifo[:, :n_in].t()), h,
@@ -53,12 +51,9 @@ class LSTMLayer(nn.Module):
 
 
 def _tanh(x: Tensor) -> Tensor:
-    """``tanh(x)``; on CPU in float32/64 as ``2 sigmoid(2x) - 1`` (equal to within 2e-7), 2-3x faster there.
-
-    PyTorch's CPU ``tanh`` costs about ten times its ``sigmoid`` per element; the LSTM's two tanh per
-    layer were a third of a rule step. Other devices keep ``torch.tanh``, which is fast there, and so
-    do 16-bit tensors (under autocast): near 0 the form loses the few bits they have (bfloat16 rounds
-    ``2 sigmoid(2x) - 1`` to 0 for ``|x| < 4e-3``).
+    """``tanh(x)``; on CPU in float32/64 as ``2 sigmoid(2x) - 1`` (equal to within 2e-7; faster there,
+    docs/implementation.md). Other devices and 16-bit tensors keep ``torch.tanh``: near 0 the form
+    loses the few bits 16-bit floats have (bfloat16 rounds it to 0 for ``|x| < 4e-3``).
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return torch.tanh(x)

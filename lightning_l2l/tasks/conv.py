@@ -1,54 +1,33 @@
 """Small convolutional networks, the third experiment of Andrychowicz et al. (2016), section 3.3.
 
-The paper's optimizee is a CIFAR-10 classifier of three convolutional layers with max pooling
-and batch normalization, then a fully connected layer of 32 units, ReLU throughout, trained with
-the cross-entropy on minibatches of 128. Its optimizer has two coordinatewise LSTMs, one for
-convolutional and one for fully connected parameters (a
-:class:`~lightning_l2l.nets.PerKindRule` with networks ``conv`` and ``fc``). The subsets of the
-labels (2, 5 or 10 classes) and "LSTM-sub" (an optimizer meta-trained on other labels than those
-it is tested on, Figure 7) are the ``classes`` argument of :class:`ConvFamily`.
+The optimizee (:func:`conv_net`): three blocks ``conv k x k (same padding) -> batch norm -> ReLU ->
+max pool 2x2``, flatten, ``linear -> batch norm -> ReLU`` with ``hidden`` units, and a linear layer
+to the logits, trained with the cross-entropy on minibatches (:class:`ConvFamily`; the subsets of the
+labels and "LSTM-sub" of Figure 7 are its ``classes``). Conv layers followed by batch norm have no
+bias; batch norm always uses the statistics of its batch (``track_running_stats=False``), so the
+loss is a function of the parameters and the minibatch alone (section 2).
 
-Network (:func:`conv_net`): three blocks ``conv k x k (same padding) -> batch norm -> ReLU ->
-max pool 2x2`` (the order of the authors' public code, deepmind/learning-to-learn
-``problems.cifar10``), flatten, ``linear -> batch norm -> ReLU`` with ``hidden`` units (32), and a
-linear layer to the logits. Defaults here: 16 channels per conv layer (as the authors' code),
-3x3 kernels (their code uses 5x5 on 32x32 CIFAR images; 3x3 is cheaper on 28x28 ones). A conv
-layer followed by batch norm has no bias (the batch norm's shift replaces it; a bias there would
-get an exactly zero gradient). Parameters keep PyTorch's default initialisation, drawn from each
-task's seed.
-
-Batch norm always uses the statistics of the batch it sees (``track_running_stats=False``), in
-meta-training, validation, test and baselines alike: the optimizee loss is then a pure function of
-the parameters and the minibatch, as section 2 of the paper assumes, and no running statistics are
-carried (or mutated) between steps, trajectories or the optimizers compared on the same task.
-
-Routing parameters to the rule's networks (``kind_map``): each parameter first gets the kind of
-the layer owning it (``conv``, ``fc``, ``norm``; :func:`lightning_l2l.nets.module_param_kinds`),
-then ``kind_map`` may send it elsewhere. Keys are, most specific first, a parameter's name
-(``"conv1.weight"``), ``"<layer kind>.<weight|bias>"`` (``"conv.bias"``) or a layer kind
-(``"norm"``); values are the kinds the rule sees. The default, :data:`DEFAULT_KIND_MAP`, is the
-assignment of the authors' public code: convolution kernels to the ``conv`` LSTM, everything else
-(conv biases, batch-norm parameters, fully connected layers) to the ``fc`` LSTM. ``{"norm":
-"conv"}`` sends batch-norm parameters to the conv LSTM instead; ``{}`` leaves them of kind ``norm``,
-which a :class:`~lightning_l2l.nets.PerKindRule` serves with its ``default`` network (or a third
-network under ``norm``).
+Parameters go to the rule's networks by :func:`lightning_l2l.nets.param_kinds` with a ``kind_map``;
+the default, :data:`DEFAULT_KIND_MAP`, is the authors' assignment: kernels to the ``conv`` network,
+everything else to ``fc``. Design notes (why this order of layers, 3x3 kernels, no running
+statistics): docs/implementation.md.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.nets.kinds import check_kind_map, route_param_kinds
+from lightning_l2l.nets.kinds import check_kind_map, param_kinds
 from lightning_l2l.tasks.base import TaskFamily
 from lightning_l2l.tasks.images import DATASETS, image_pools
 from lightning_l2l.tasks.module import ModuleTask
 from lightning_l2l.tasks.splits import SPLITS, stratified_split
 
-__all__ = ["DEFAULT_KIND_MAP", "ConvTask", "ConvFamily", "conv_net", "routed_kinds"]
+__all__ = ["DEFAULT_KIND_MAP", "ConvTask", "ConvFamily", "conv_net"]
 
 #: the authors' assignment (deepmind/learning-to-learn ``util.py``, problem ``cifar-multi``):
 #: conv kernels -> ``conv``; conv biases, batch-norm parameters and linear layers -> ``fc``
