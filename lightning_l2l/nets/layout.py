@@ -123,15 +123,13 @@ class RuleStep:
     Attributes:
         updates: the update of every tensor that had a gradient, by key (absent: no gradient given).
         states: the new state of every kind (the same tensors as given, with ``inplace=True``).
-        masked: gradient entries that got no update and kept their state (non-finite ones, and exact
-            zeros with ``zero_grads="skip"``): a 0-d tensor, no host sync to read it.
-        nonfinite: non-finite gradient entries among them (0-d tensor).
+        nonfinite: non-finite gradient entries (they got no update and kept their state): a 0-d
+            tensor, no host sync to read it.
         num_coords: coordinates that had a gradient.
     """
 
     updates: dict[Hashable, Tensor]
     states: dict[str, Tensor]
-    masked: Tensor
     nonfinite: Tensor
     num_coords: int
 
@@ -172,7 +170,6 @@ def apply_rule(
         raise ValueError(f"Invalid chunk_size: {chunk_size} (expected >= 1 coordinates per network call, or None)")
     updates: dict[Hashable, Tensor] = {}
     new_states: dict[str, Tensor] = {}
-    masked: list[Tensor] = []
     nonfinite: list[Tensor] = []
     num_coords = 0
     for kind, entries in layout.by_kind.items():
@@ -183,8 +180,7 @@ def apply_rule(
             g = _cat([grads[e.key].reshape(-1) for e in run])  # type: ignore[union-attr]  # (n,)
             start = run[0].offset
             h = state[start : start + g.numel()]  # (n, *state_shape), a view
-            update, h_new, bad, skipped = _step(rule, g, h, kind, chunk_size, zero_grads, inplace)
-            masked.append(skipped)
+            update, h_new, bad = _step(rule, g, h, kind, chunk_size, zero_grads, inplace)
             nonfinite.append(bad)
             num_coords += g.numel()
             for e, u in zip(run, torch.split(update, [e.numel for e in run]), strict=True):
@@ -202,7 +198,6 @@ def apply_rule(
     return RuleStep(
         updates,
         new_states,
-        torch.stack(masked).sum() if masked else zero,
         torch.stack(nonfinite).sum() if nonfinite else zero,
         num_coords,
     )
@@ -210,8 +205,8 @@ def apply_rule(
 
 def _step(
     rule: UpdateRule, g: Tensor, h: Tensor, kind: str, chunk_size: int | None, zero_grads: str, inplace: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The rule on one flat run: ``(update (n,), new state (n, ...), non-finite count, masked count)``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The rule on one flat run: ``(update (n,), new state (n, ...), non-finite count)``."""
     finite = torch.isfinite(g)
     keep = finite & (g != 0) if zero_grads == "skip" else finite
     bad = (~finite).sum()
@@ -239,7 +234,7 @@ def _step(
             updates.append(u)
     if update is None:
         update = _cat(updates) if updates else torch.empty_like(g)
-    return update, h if inplace else (_cat(states) if states else h), bad, skipped
+    return update, h if inplace else (_cat(states) if states else h), bad
 
 
 def _runs(entries: Sequence[_Entry], grads: Mapping[Hashable, Tensor | None]) -> list[list[_Entry]]:
