@@ -17,6 +17,7 @@ from lightning_l2l.nets import (
     CoordinatewiseLinear,
     CoordinatewiseLSTM,
     KindLayout,
+    MomentMLP,
     PerKindRule,
     ScaledRule,
     UpdateRule,
@@ -664,12 +665,21 @@ def test_layer_kind(layer: nn.Module, kind: str) -> None:
 # ------------------------------------------------------------------------------------ serialization
 
 
+def _random_head(rule: MomentMLP) -> MomentMLP:
+    """A MomentMLP whose zero-initialised head is random, so that round trips test every weight."""
+    with torch.no_grad():
+        rule.head.weight.normal_()
+        rule.head.bias.normal_()
+    return rule
+
+
 def _rules() -> dict[str, UpdateRule]:
     return {
         "lstm": CoordinatewiseLSTM(
             hidden_size=3, num_layers=1, preprocessing="none", p=5.0, output_scale=0.3
         ),
         "linear": CoordinatewiseLinear(lr=0.05),
+        "moments": _random_head(MomentMLP(hidden=4, layers=1, momentum_betas=(0.9, 0.99), rms_betas=(0.95, 0.999))),
         "per_kind": PerKindRule(
             {"conv": CoordinatewiseLSTM(hidden_size=3, num_layers=3), "fc": CoordinatewiseLinear(0.2)},
             default="fc",
@@ -688,7 +698,7 @@ def _outputs(rule: UpdateRule, kind: str) -> tuple[Tensor, Tensor]:
     return rule(g * 0.5, state, kind)
 
 
-@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind", "scaled"])
+@pytest.mark.parametrize("name", ["lstm", "linear", "moments", "per_kind", "scaled"])
 def test_save_load_round_trip(tmp_path: Path, name: str) -> None:
     """save_rule/load_rule give a rule with the same config, weights and outputs, and the metadata back."""
     rule = _rules()[name]
@@ -802,7 +812,7 @@ def test_load_weights_of_another_class(tmp_path: Path) -> None:
         load_rule(tmp_path / "r")
 
 
-@pytest.mark.parametrize("name", ["lstm", "linear", "per_kind", "scaled"])
+@pytest.mark.parametrize("name", ["lstm", "linear", "moments", "per_kind", "scaled"])
 def test_config_round_trips_through_build_rule(name: str) -> None:
     """``build_rule(rule.config())`` rebuilds the same architecture; the config is plain JSON."""
     rule = _rules()[name]

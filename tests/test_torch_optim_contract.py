@@ -361,7 +361,10 @@ def test_mixed_device_dtype(weights):
             opt.step()
         optimizer.step()
         for p, q in zip(params, alone, strict=True):
-            torch.testing.assert_close(p, q, rtol=0, atol=0)
+            # the two float32 tensors share one network call (24 coordinates) where alone each had its own
+            # (12): a batch of another size may round the matmuls differently (1 ulp on AVX-512 machines)
+            exact = p.dtype == torch.float64
+            torch.testing.assert_close(p, q, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
 
 
 # ------------------------------------------------------------------------------------------ hooks

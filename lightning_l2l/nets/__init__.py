@@ -8,6 +8,7 @@ from lightning_l2l.nets.kinds import layer_kind, param_kinds, params_by_kind, sh
 from lightning_l2l.nets.layout import ZERO_GRADS, KindLayout, RuleStep, apply_rule
 from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
+from lightning_l2l.nets.moments import MomentMLP
 from lightning_l2l.nets.per_kind import PerKindRule
 from lightning_l2l.nets.preprocess import log_sign, preprocess
 from lightning_l2l.nets.scaled import ScaledRule, parse_multiplier, scale_rule
@@ -18,6 +19,7 @@ __all__ = [
     "UpdateRule",
     "CoordinatewiseLSTM",
     "CoordinatewiseLinear",
+    "MomentMLP",
     "PerKindRule",
     "ScaledRule",
     "scale_rule",

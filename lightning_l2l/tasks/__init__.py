@@ -3,6 +3,7 @@
 from lightning_l2l.tasks.base import Task, TaskFamily
 from lightning_l2l.tasks.batched import BatchedTask
 from lightning_l2l.tasks.conv import ConvFamily, ConvTask
+from lightning_l2l.tasks.general import GeneralFamily, GeneralTask
 from lightning_l2l.tasks.mnist import MNISTFamily, MNISTMixtureFamily, MNISTTask
 from lightning_l2l.tasks.module import ModuleTask, ModuleTaskFamily
 from lightning_l2l.tasks.quadratic import QuadraticFamily, QuadraticTask
@@ -20,4 +21,6 @@ __all__ = [
     "MNISTMixtureFamily",
     "ConvTask",
     "ConvFamily",
+    "GeneralFamily",
+    "GeneralTask",
 ]
