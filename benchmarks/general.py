@@ -55,6 +55,12 @@ from lightning_l2l.tasks.mnist import mnist_5k
 
 LR_GRID = tuple(10 ** (-4 + 0.5 * i) for i in range(9))  # 1e-4 ... 1
 RECORD = (200, 500, 1000)
+TUNE_STEP = 200  # baselines are tuned on the loss at this step (or at --steps, if fewer)
+
+
+def recorded(steps: int) -> list[int]:
+    """The steps a run of ``steps`` steps reports: those of :data:`RECORD` it reaches, and its last."""
+    return sorted({s for s in RECORD if s <= steps} | {steps})
 BATCH = 64
 VAL_SEED, TEST_SEED = 1000, 0
 DIVERGED = 10.0  # a loss above this many times the initial loss counts as diverged
@@ -166,7 +172,7 @@ OptFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 def train(problem: Problem, seed: int, make_opt: OptFactory, steps: int) -> dict[int, float]:
-    """Held-out loss at step 0 and at each step of :data:`RECORD` up to ``steps`` (``inf`` once diverged)."""
+    """Held-out loss at step 0 and at each step of :func:`recorded` (``inf`` from a divergence on)."""
     x, y, ex, ey = problem.data()
     torch.manual_seed(seed)
     model = problem.build()
@@ -181,16 +187,17 @@ def train(problem: Problem, seed: int, make_opt: OptFactory, steps: int) -> dict
         return value
 
     out = {0: held_out()}
+    marks = recorded(steps)
     for step in range(1, steps + 1):
         idx = torch.randint(x.shape[0], (BATCH,), generator=g)
         loss = problem.loss(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step in RECORD or step == steps:
+        if step in marks:
             out[step] = held_out()
             if not math.isfinite(out[step]) or out[step] > DIVERGED * out[0]:
-                return {**out, **{s: math.inf for s in RECORD if s > step and s <= steps}}
+                return {**out, **{s: math.inf for s in marks if s >= step}}
     return out
 
 
@@ -202,16 +209,16 @@ def learned(weights: str, **kwargs: object) -> OptFactory:
     return lambda model: LearnedOptimizer.from_module(model, weights=weights, **kwargs)
 
 
-def tune(problem: Problem, name: str, seeds: Sequence[int], cache: Path | None) -> float:
-    """The grid learning rate with the lowest mean held-out loss at step 200 (diverged runs count as inf)."""
+def tune(problem: Problem, name: str, seeds: Sequence[int], cache: Path | None, at: int) -> float:
+    """The grid learning rate with the lowest mean held-out loss at step ``at`` (diverged runs count as inf)."""
     def compute() -> dict[str, float]:
         scores = {}
         for lr in LR_GRID:
-            finals = [train(problem, s, baseline(name, lr), 200)[200] for s in seeds]
+            finals = [train(problem, s, baseline(name, lr), at)[at] for s in seeds]
             scores[repr(lr)] = statistics.fmean(finals) if all(map(math.isfinite, finals)) else math.inf
         return scores
 
-    scores = json_cached(cache, f"general-tune-{problem.name}-{name}-{list(seeds)}-{BATCH}", compute)
+    scores = json_cached(cache, f"general-tune-{problem.name}-{name}-{list(seeds)}-{at}-{BATCH}", compute)
     return float(min(scores, key=lambda k: scores[k]))
 
 
@@ -236,7 +243,7 @@ def report(args: argparse.Namespace) -> dict:
         optimizers: dict[str, tuple[OptFactory, str | None]] = {}  # label -> (factory, cache key or None)
         lrs = {}
         for name in args.baselines:
-            lrs[name] = tune(problem, name, val_seeds, cache)
+            lrs[name] = tune(problem, name, val_seeds, cache, min(TUNE_STEP, args.steps))
             optimizers[f"{name} (tuned)"] = (baseline(name, lrs[name]), f"{name}-{lrs[name]!r}")
         optimizers["adam 1e-3 (untuned)"] = (baseline("adam", 1e-3), "adam-0.001")
         for w in args.weights:  # a rule's runs are never cached: the weights behind a name change
@@ -252,7 +259,7 @@ def report(args: argparse.Namespace) -> dict:
         rows = {}
         for label, per_seed in runs.items():
             init = [r[0] for r in per_seed]
-            row = {"diverged": {s: sum(not math.isfinite(r[s]) for r in per_seed) for s in RECORD if s <= args.steps}}
+            row = {"diverged": {s: sum(not math.isfinite(r[s]) for r in per_seed) for s in recorded(args.steps)}}
             for s in row["diverged"]:
                 vals = [r[s] if math.isfinite(r[s]) else i for r, i in zip(per_seed, init, strict=True)]
                 row[s] = mean_sem(vals)
@@ -272,7 +279,7 @@ def _best(rows: dict, step: int) -> tuple[str, float]:
 
 
 def table(pname: str, res: dict, args: argparse.Namespace) -> str:
-    steps = [s for s in RECORD if s <= args.steps]
+    steps = recorded(args.steps)
     lines = [f"\n### {pname} ({res['seconds']} s; tuned lrs {', '.join(f'{k} {v:.3g}' for k, v in res['lrs'].items())})",
              "| optimizer | " + " | ".join(f"step {s}" for s in steps) + " | diverged |",
              "|---|" + "---:|" * len(steps) + "---:|"]
@@ -283,7 +290,7 @@ def table(pname: str, res: dict, args: argparse.Namespace) -> str:
 
 
 def summary(results: dict, args: argparse.Namespace) -> str:
-    steps = [s for s in RECORD if s <= args.steps]
+    steps = recorded(args.steps)
     head = "| problem | weights | " + " | ".join(f"x best tuned @{s} | x Adam(1e-3) @{s}" for s in steps) + " | diverged |"
     lines = [f"Command: `{results['meta']['command']}`", "", head, "|---|---|" + "---:|---:|" * len(steps) + "---:|"]
     for pname, res in results["problems"].items():
@@ -306,7 +313,7 @@ def select(args: argparse.Namespace) -> None:
     from lightning_l2l.tasks import GeneralFamily
     from lightning_l2l.trajectory import rule_final_loss
 
-    family = GeneralFamily("val")
+    family = GeneralFamily("val", data_dir=args.data_dir)
     g = torch.Generator().manual_seed(77)
     tasks = [family.sample(g) for _ in range(args.select_tasks)]
     adam = [float(baseline_final_loss("adam", 1e-3, t, args.select_steps)) for t in tasks]
@@ -338,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--select", nargs="+", default=None, help="checkpoints (globs) to rank on validation tasks")
     parser.add_argument("--select-tasks", type=int, default=12)
     parser.add_argument("--select-steps", type=int, default=600)
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files for --select (default: installed)")
     args = parser.parse_args(argv)
     args.argv = argv
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_l2l.nets import KindLayout, UpdateRule, apply_rule
-from lightning_l2l.tasks import Task
+from lightning_l2l.tasks import BatchedTask, Task
 
 __all__ = [
     "OBJECTIVES", "STEP_WEIGHTS", "Trajectory", "UnrollResult", "step_weight", "unroll", "rule_curve", "frozen_run",
@@ -81,7 +81,9 @@ class UnrollResult:
     Attributes:
         meta_loss: mean over the unrolled steps of ``f(theta_t) / num_problems`` for the
             ``num_steps`` parameters the rule produced (differentiable when requested); with
-            ``objective="log_mean"`` the mean of ``log(f(theta_t) / num_problems)``; each term times
+            ``objective="log_mean"`` the mean of ``log(f(theta_t) / num_problems)`` (for a
+            :class:`~lightning_l2l.tasks.BatchedTask`, the mean over its members of each one's log loss
+            per problem, so that every member counts the same whatever its loss scale); each term times
             ``w_t`` where ``step_weights`` is not uniform.
         curve: ``(num_steps + 1,)`` detached losses per problem, ``f(theta_start) ... f(theta_end)``:
             the step's :meth:`~lightning_l2l.tasks.Task.loss`, or with ``eval_curve=True`` the
@@ -148,7 +150,12 @@ def unroll(
             params = {
                 n: p if p.requires_grad else p.detach().requires_grad_() for n, p in traj.params.items()
             }
-            loss = task.loss(params, traj.step)
+            members = None
+            if objective == "log_mean" and isinstance(task, BatchedTask):
+                members = task.member_losses(params, traj.step)  # (k,): log-averaged one by one below
+                loss = members.sum()
+            else:
+                loss = task.loss(params, traj.step)
             recorded = None
             if eval_curve:
                 with torch.no_grad():
@@ -156,7 +163,11 @@ def unroll(
             curve.append((loss if recorded is None else recorded).detach() * scale)
             if i > 0:
                 term = loss * scale if differentiable else loss.detach() * scale
-                if objective == "log_mean":
+                if members is not None:  # a meta-batch: the mean of each member's log loss per problem
+                    per = members if differentiable else members.detach()
+                    sizes = per.new_tensor([t.num_problems for t in task.tasks])  # type: ignore[attr-defined]
+                    term = torch.log((per / sizes).clamp_min(LOG_LOSS_FLOOR)).mean()
+                elif objective == "log_mean":
                     term = torch.log(term.clamp_min(LOG_LOSS_FLOOR))
                 if horizon is not None and step_weights != "uniform":  # horizon: checked above
                     term = term * step_weight(step_weights, traj.step, horizon)

@@ -140,3 +140,20 @@ def test_tasks_per_step_one_is_the_plain_task_stream(tmp_path) -> None:
 def test_tasks_per_step_must_be_positive() -> None:
     with pytest.raises(ValueError, match="Invalid tasks_per_step: 0"):
         _learner(tasks_per_step=0)
+
+
+def test_log_mean_weighs_each_member_alike():
+    """With the log_mean objective a meta-batch's loss is the mean of its members' own log-mean losses,
+    whatever their loss scales (a member with a 1,000 times larger loss does not drown the other)."""
+    family = QuadraticFamily(dim=3, num_functions=2, init_std=1.0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    small, large = family.sample(g), family.sample(g)
+    large.W, large.y = large.W * 30.0, large.y * 30.0  # a loss about 1,000 times larger
+    rule = CoordinatewiseLSTM(hidden_size=4).double()
+    alone = []
+    for task in (small, large):
+        traj = Trajectory.start(rule, task)
+        alone.append(unroll(rule, traj, 6, differentiable=False, objective="log_mean").meta_loss)
+    traj = Trajectory.start(rule, BatchedTask([small, large]))
+    batched = unroll(rule, traj, 6, differentiable=False, objective="log_mean").meta_loss
+    torch.testing.assert_close(batched, torch.stack(alone).mean(), rtol=1e-12, atol=1e-12)

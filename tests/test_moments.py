@@ -39,7 +39,7 @@ def test_docstring_defaults() -> None:
     defaults = {k: v.default for k, v in params.items() if k != "self"}
     assert defaults == {
         "lr": 1e-3, "hidden": 16, "layers": 2, "momentum_betas": (0.5, 0.9, 0.99), "rms_betas": (0.9, 0.99),
-        "log_range": math.log(10.0), "clip": 3.0, "eps": 1e-8, "zero_init": True,
+        "log_range": math.log(10.0), "clip": 3.0, "eps": 1e-8, "zero_init": True, "direction_scale": 1.0,
     }
     rule = MomentMLP()
     assert rule.num_features == 3 + 1 + 1  # three momenta, the gradient, one ratio of second moments
@@ -60,6 +60,7 @@ def test_docstring_defaults() -> None:
         ({"log_range": 0.0}, "Invalid log_range"),
         ({"clip": -1.0}, "Invalid clip"),
         ({"eps": float("inf")}, "Invalid eps"),
+        ({"direction_scale": -0.5}, "Invalid direction_scale"),
     ],
 )
 def test_invalid_args(kwargs: dict, match: str) -> None:
@@ -170,3 +171,15 @@ def test_meta_training_moves_the_head_and_stays_finite(tmp_path) -> None:
     traj = Trajectory.start(rule, task)
     result = unroll(rule, traj, 20, differentiable=False)
     assert result.finite and result.curve[-1] < result.curve[0]
+
+
+def test_direction_scale_zero_keeps_adams_direction() -> None:
+    """With direction_scale=0 the rule only scales Adam's direction: any head gives updates of Adam's sign."""
+    rule = _random(MomentMLP(direction_scale=0.0).double())
+    state = rule.init_state(16, dtype=torch.float64)
+    for step in range(6):
+        g = _grads(16, seed=step)
+        _, adam, _ = rule.features(g, state)  # Adam's direction at this step
+        u, state = rule(g, state)
+        nonzero = adam != 0
+        assert torch.equal(torch.sign(u[nonzero]), -torch.sign(adam[nonzero]))

@@ -49,7 +49,7 @@ def _betas(values: Sequence[float], name: str) -> tuple[float, ...]:
 
 
 class MomentMLP(UpdateRule):
-    """``update = -lr * exp(log_range * tanh(s)) * clamp(adam + tanh(d), -clip, clip)``.
+    """``update = -lr * exp(log_range * tanh(s)) * clamp(adam + direction_scale * tanh(d), -clip, clip)``.
 
     Per coordinate the state holds momenta ``m_k`` at ``momentum_betas``, second moments ``v_j``
     at ``rms_betas`` and the coordinate's step count ``t`` (for bias correction; every moment is
@@ -70,6 +70,8 @@ class MomentMLP(UpdateRule):
         clip: bound on the direction, in units of ``lr``.
         eps: Adam's epsilon (absolute: below gradients of about ``eps`` the rule is not scale-free).
         zero_init: start the last layer at zero, so the rule starts as clipped Adam.
+        direction_scale: how far the learned direction may move from Adam's (``0``: the rule only learns
+            a step size per coordinate, along Adam's direction).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class MomentMLP(UpdateRule):
         clip: float = 3.0,
         eps: float = 1e-8,
         zero_init: bool = True,
+        direction_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not (math.isfinite(lr) and lr > 0):
@@ -95,9 +98,12 @@ class MomentMLP(UpdateRule):
         for name, value in (("log_range", log_range), ("clip", clip), ("eps", eps)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Invalid {name}: {value} (expected a finite value > 0)")
+        if not (math.isfinite(direction_scale) and direction_scale >= 0):
+            raise ValueError(f"Invalid direction_scale: {direction_scale} (expected a finite value >= 0)")
         self._record_init_args(locals())
         self._init_args.update(momentum_betas=list(mom), rms_betas=list(rms))
         self.lr, self.log_range, self.clip, self.eps = float(lr), float(log_range), float(clip), float(eps)
+        self.direction_scale = float(direction_scale)
         self.momentum_betas, self.rms_betas = mom, rms
         self._adam = mom.index(0.9)
         self.num_features = len(mom) + 1 + (len(rms) - 1)
@@ -155,6 +161,6 @@ class MomentMLP(UpdateRule):
         x, adam, new_state = self.features(grad, state)
         w = self.head.weight
         out = self.head(self.mlp(x.to(w.dtype)))
-        direction = (adam.to(w.dtype) + torch.tanh(out[:, 0])).clamp(-self.clip, self.clip)
+        direction = (adam.to(w.dtype) + self.direction_scale * torch.tanh(out[:, 0])).clamp(-self.clip, self.clip)
         step = self.lr * torch.exp(self.log_range * torch.tanh(out[:, 1]))
         return (-step * direction).to(grad.dtype), new_state

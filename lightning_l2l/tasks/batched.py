@@ -51,8 +51,13 @@ class BatchedTask(Task):
         return {self._name(i, n): k for i, t in enumerate(self.tasks) for n, k in t.kinds().items()}
 
     def loss(self, params: dict[str, Tensor], step: int) -> Tensor:
-        losses = [t.loss(self._member_params(params, i), step) for i, t in enumerate(self.tasks)]
-        return torch.stack(losses).sum()
+        return self.member_losses(params, step).sum()
+
+    def member_losses(self, params: dict[str, Tensor], step: int) -> Tensor:
+        """``(len(tasks),)``: each member's :meth:`~Task.loss`; :meth:`loss` is their sum. The ``log_mean``
+        meta-objective averages the log of each member's loss, so that a member with a large loss scale
+        does not drown the others (:func:`~lightning_l2l.trajectory.unroll`)."""
+        return torch.stack([t.loss(self._member_params(params, i), step) for i, t in enumerate(self.tasks)])
 
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor | None:
         """The members' summed ``eval_loss``; ``None`` unless every member defines one."""
