@@ -26,9 +26,11 @@ untuned**. Test: ``--seeds`` seeds (initialisation and minibatch order), minibat
 steps, the held-out loss at steps 200, 500 and 1,000. A run "diverged" when its loss is not finite or is
 above 10x its initial loss; a diverged run counts as its initial loss in the means.
 
-**--select** evaluates meta-training checkpoints on ``--select-tasks`` validation tasks of
-``GeneralFamily("val")`` at ``--select-steps`` steps: the mean over tasks of log(rule / Adam(1e-3)), the
-held-out loss of each; the lowest is the one to ship (``l2l export --ckpt ...``).
+**--select** evaluates meta-training checkpoints (each at the update multipliers ``--select-lrs``) on
+``--select-tasks`` validation tasks of ``GeneralFamily("val")`` at ``--select-steps`` steps (default 1,000,
+five times the meta-training horizon): the mean, median and worst over tasks of log(held-out loss of the
+rule / that of Adam at 1e-3), and on how many tasks the rule is better; the checkpoint to ship
+(``l2l export --ckpt ... [--lr M]``) is chosen from these lines only.
 """
 
 from __future__ import annotations
@@ -320,14 +322,16 @@ def select(args: argparse.Namespace) -> None:
     def show(label: str, finals: list[float]) -> None:
         logs = [math.log(f / a) if math.isfinite(f) else math.inf for f, a in zip(finals, adam, strict=True)]
         m, se = mean_sem(logs) if all(map(math.isfinite, logs)) else (math.inf, 0.0)
-        print(f"{label}: mean log(x / Adam 1e-3) {m:+.4f} ± {se:.4f}  worst {max(logs):+.3f}  "
-              f"better than Adam 1e-3 on {sum(v < 0 for v in logs)}/{len(logs)}", flush=True)
+        print(f"{label}: mean log(x / Adam 1e-3) {m:+.4f} ± {se:.4f}  median {statistics.median(logs):+.3f}  "
+              f"worst {max(logs):+.3f}  better than Adam 1e-3 on {sum(v < 0 for v in logs)}/{len(logs)}", flush=True)
 
     for lr in (3e-3, 1e-2):  # references: what a retuned Adam would give on the same tasks
         show(f"Adam {lr:g}", [float(baseline_final_loss("adam", lr, t, args.select_steps)) for t in tasks])
     for path in sorted({p for pattern in args.select for p in glob.glob(pattern)}):
         rule, _ = resolve(path)
-        show(path, [float(rule_final_loss(rule, t, args.select_steps, zero_grads="skip")) for t in tasks])
+        for m in args.select_lrs:
+            finals = [float(rule_final_loss(rule, t, args.select_steps, lr=m, zero_grads="skip")) for t in tasks]
+            show(path if m == 1.0 else f"{path} x{m:g}", finals)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -336,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--weights", nargs="+", default=["general", "conv"])
+    parser.add_argument("--weights", nargs="*", default=["general", "conv"], help="shipped names or paths (none: baselines only)")
     parser.add_argument("--baselines", nargs="+", default=["sgd", "nag", "rmsprop", "adam"], choices=list(BASELINES))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--val-seeds", type=int, default=2)
@@ -344,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/results/general")
     parser.add_argument("--select", nargs="+", default=None, help="checkpoints (globs) to rank on validation tasks")
     parser.add_argument("--select-tasks", type=int, default=12)
-    parser.add_argument("--select-steps", type=int, default=600)
+    parser.add_argument("--select-steps", type=int, default=1000)
+    parser.add_argument("--select-lrs", type=float, nargs="+", default=[1.0],
+                        help="update multipliers to try each checkpoint at (LearnedOptimizer(lr=...))")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files for --select (default: installed)")
     args = parser.parse_args(argv)
     args.argv = argv

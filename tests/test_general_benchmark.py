@@ -64,7 +64,11 @@ def test_report_shrunk_writes_tables_and_caches_baselines(bench, tmp_path, capsy
 def test_select_ranks_checkpoints_against_adam(bench, tmp_path, capsys):
     save_rule(MomentMLP(), tmp_path / "start")
     bench.main(["--select", str(tmp_path / "start.safetensors"), "--select-tasks", "2", "--select-steps", "5",
-                "--data-dir", str(FASHION_SAMPLE_DIR)])
+                "--select-lrs", "1", "0.5", "--data-dir", str(FASHION_SAMPLE_DIR)])
     out = capsys.readouterr().out
     assert "Adam 0.003: mean log(x / Adam 1e-3)" in out
     assert f"{tmp_path / 'start.safetensors'}: mean log(x / Adam 1e-3)" in out
+    assert f"{tmp_path / 'start.safetensors'} x0.5: mean log(x / Adam 1e-3)" in out
+    # MomentMLP() is Adam at 1e-3 with a clipped step; at x0.5 it is that Adam at 5e-4: other losses
+    lines = {line.split(": mean")[0]: line for line in out.splitlines() if ": mean" in line}
+    assert lines[str(tmp_path / "start.safetensors")].split("median")[0] != lines[f"{tmp_path / 'start.safetensors'} x0.5"].split("median")[0]
