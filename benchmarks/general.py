@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--weights", nargs="*", default=["general", "conv"], help="shipped names or paths (none: baselines only)")
+    parser.add_argument("--weights", nargs="*", default=["conv", "mnist"], help="shipped names or paths (none: baselines only)")
     parser.add_argument("--baselines", nargs="+", default=["sgd", "nag", "rmsprop", "adam"], choices=list(BASELINES))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--val-seeds", type=int, default=2)
