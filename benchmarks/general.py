@@ -55,7 +55,7 @@ from lightning_l2l.evaluation import BASELINES
 from lightning_l2l.evaluation.cache import json_cached
 from lightning_l2l.tasks.mnist import mnist_5k
 
-LR_GRID = tuple(10 ** (-4 + 0.5 * i) for i in range(9))  # 1e-4 ... 1
+LR_GRID = tuple(10 ** (-4 + 0.5 * i) for i in range(11))  # 1e-4 ... 10
 RECORD = (200, 500, 1000)
 TUNE_STEP = 200  # baselines are tuned on the loss at this step (or at --steps, if fewer)
 
@@ -212,16 +212,17 @@ def learned(weights: str, **kwargs: object) -> OptFactory:
 
 
 def tune(problem: Problem, name: str, seeds: Sequence[int], cache: Path | None, at: int) -> float:
-    """The grid learning rate with the lowest mean held-out loss at step ``at`` (diverged runs count as inf)."""
-    def compute() -> dict[str, float]:
-        scores = {}
-        for lr in LR_GRID:
-            finals = [train(problem, s, baseline(name, lr), at)[at] for s in seeds]
-            scores[repr(lr)] = statistics.fmean(finals) if all(map(math.isfinite, finals)) else math.inf
-        return scores
+    """The grid learning rate with the lowest mean held-out loss at step ``at`` (diverged runs count as inf).
 
-    scores = json_cached(cache, f"general-tune-{problem.name}-{name}-{list(seeds)}-{at}-{BATCH}", compute)
-    return float(min(scores, key=lambda k: scores[k]))
+    Each learning rate's score is cached on its own, so a wider grid computes only its new points."""
+    scores = {}
+    for lr in LR_GRID:
+        def compute(lr: float = lr) -> float:
+            finals = [train(problem, s, baseline(name, lr), at)[at] for s in seeds]
+            return statistics.fmean(finals) if all(map(math.isfinite, finals)) else math.inf
+
+        scores[lr] = json_cached(cache, f"general-tune-{problem.name}-{name}-{lr!r}-{list(seeds)}-{at}-{BATCH}", compute)
+    return min(scores, key=lambda k: scores[k])
 
 
 def mean_sem(values: Sequence[float]) -> tuple[float, float]:
@@ -282,7 +283,9 @@ def _best(rows: dict, step: int) -> tuple[str, float]:
 
 def table(pname: str, res: dict, args: argparse.Namespace) -> str:
     steps = recorded(args.steps)
-    lines = [f"\n### {pname} ({res['seconds']} s; tuned lrs {', '.join(f'{k} {v:.3g}' for k, v in res['lrs'].items())})",
+    edge = {LR_GRID[0], LR_GRID[-1]}
+    tuned = ", ".join(f"{k} {v:.3g}{' (grid edge)' if v in edge else ''}" for k, v in res["lrs"].items())
+    lines = [f"\n### {pname} ({res['seconds']} s; tuned lrs {tuned})",
              "| optimizer | " + " | ".join(f"step {s}" for s in steps) + " | diverged |",
              "|---|" + "---:|" * len(steps) + "---:|"]
     for label, row in res["rows"].items():
