@@ -345,3 +345,17 @@ def test_meta_learner_trains_it(tmp_path: Path, cls: type) -> None:
     after = list(model.rule.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_step_time_benchmark_times_both() -> None:
+    """benchmarks/step_time.py --rules gac ntm, shrunk: a row each, and the floor model's state sizes."""
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("step_time")
+    cfg = dict(size=500, device="cpu", threads=1, steps=2, warmup=1, weights=None, chunk_size=64)
+    for name in ("gac", "ntm"):
+        row = bench.worker({**cfg, "optimizer": name})
+        assert row["step_s"] > 0 and row["params"] == sum(p.numel() for p in bench.mlp(500).parameters())
+    assert bench.rule_costs(None, "gac")[0] == bench.rule_costs(None, "learned")[0] == 2 * 2 * 20
+    assert bench.rule_costs(None, "ntm")[0] == 2 * 2 * 20 + 2 * 8 + 1
+    assert bench.rule_costs(None, "ntm")[1] > bench.rule_costs(None, "gac")[1] == bench.rule_costs(None, "learned")[1]
