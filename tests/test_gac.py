@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import lightning as L
@@ -359,3 +360,22 @@ def test_step_time_benchmark_times_both() -> None:
     assert bench.rule_costs(None, "gac")[0] == bench.rule_costs(None, "learned")[0] == 2 * 2 * 20
     assert bench.rule_costs(None, "ntm")[0] == 2 * 2 * 20 + 2 * 8 + 1
     assert bench.rule_costs(None, "ntm")[1] > bench.rule_costs(None, "gac")[1] == bench.rule_costs(None, "learned")[1]
+
+
+def test_gac_quadratic_report(tmp_path: Path) -> None:
+    """benchmarks/gac_quadratic.py: one row per rule from the latest report of each seed, and a plot."""
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("gac_quadratic")
+    for seed, name, ratio in ((0, "quadratic_gac", 0.5), (1, "quadratic_gac", 0.7), (0, "quadratic", 0.9)):
+        for version, value in ((0, 99.0), (1, ratio)):  # an older report must not be read
+            d = tmp_path / f"seed{seed}" / "runs" / name / "csv" / f"version_{version}"
+            d.mkdir(parents=True)
+            doc = {"ratio_to_best_baseline": value, "best_baseline": "adam", "lrs": {"adam": 0.316}}
+            (d / "comparison.json").write_text(json.dumps(doc))
+            (d / "comparison.csv").write_text("step,learned,sgd,adam\n0,1,1,1\n1,0.5,0.9,0.8\n")
+    bench.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "gac_quadratic.md").read_text()
+    assert "| LSTM+GAC | 2 | 0: 0.500, 1: 0.700 | 0.600 | 0.700 | adam (0.316) |" in text
+    assert "| LSTM (coordinatewise) | 1 | 0: 0.900 |" in text and "NTM-BFGS" not in text
+    assert (tmp_path / "out" / "gac_quadratic.png").stat().st_size > 0

@@ -299,7 +299,7 @@ def _shared_step(
         for s in range(0, n, size):
             part = slice(s, s + size)
             chunks.append((r, g[part], h[part], keep[part] if mask else None, ids[part]))
-    dtype = state.dtype if state.is_floating_point() else torch.get_default_dtype()
+    dtype = torch.promote_types(state.dtype, torch.float32) if state.is_floating_point() else torch.float32
     counts = state.new_zeros(len(entries), dtype=dtype)  # (tensors,) coordinates that count in a mean
     for _, g, _, keep, ids in chunks:
         counts = counts.index_add(0, ids, keep.to(dtype) if keep is not None else g.new_ones(g.shape, dtype=dtype))
@@ -314,9 +314,9 @@ def _shared_step(
             raise ValueError(f"{type(rule).__name__}.steps yielded shape {tuple(values.shape)}; expected (n, d)")
         if keep is not None:  # where, not a product: a skipped coordinate may be NaN
             values = torch.where(keep[:, None], values, torch.zeros_like(values))
-        if sums is None:
-            sums = values.new_zeros(len(entries), values.shape[1])
-        return sums.index_add(0, ids, values)
+        if sums is None:  # at least float32: a bfloat16 sum over many coordinates would lose the mean
+            sums = values.new_zeros(len(entries), values.shape[1], dtype=torch.promote_types(values.dtype, dtype))
+        return sums.index_add(0, ids, values.to(sums.dtype))
 
     def share(mean: Tensor, ids: Tensor) -> Tensor:  # the group mean of each coordinate of a chunk
         return mean if over == "kind" else mean[ids]
