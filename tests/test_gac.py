@@ -379,3 +379,30 @@ def test_gac_quadratic_report(tmp_path: Path) -> None:
     assert "| LSTM+GAC | 2 | 0: 0.500, 1: 0.700 | 0.600 | 0.700 | adam (0.316) |" in text
     assert "| LSTM (coordinatewise) | 1 | 0: 0.900 |" in text and "NTM-BFGS" not in text
     assert (tmp_path / "out" / "gac_quadratic.png").stat().st_size > 0
+
+
+def test_base_class_sharing_defaults() -> None:
+    """A coordinatewise rule: no means, "kind", and steps() a generator that yields nothing and returns forward."""
+    from lightning_l2l.nets.base import run_steps
+
+    rule = CoordinatewiseLSTM(hidden_size=3).double()
+    g, h = torch.randn(4, dtype=torch.float64), rule.init_state(4)
+    assert rule.shared_stages("conv") == 0 and rule.shared_over("conv") == "kind"
+    u, h2 = run_steps(rule.steps(g, h), lambda v: pytest.fail("a coordinatewise rule asked for a mean"))
+    ref_u, ref_h = rule(g, h)
+    assert torch.equal(u, ref_u) and torch.equal(h2, ref_h)
+
+
+class _Miscounting(LSTMGAC):
+    """Says it needs one more mean than its steps() asks for."""
+
+    def shared_stages(self, kind: str = "default") -> int:
+        return super().shared_stages(kind) + 1
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_a_rule_whose_stages_do_not_match_its_steps_is_refused(chunk_size: int | None) -> None:
+    rule = _Miscounting(hidden_size=4, global_cells=1).double()
+    layout = KindLayout({"w": (5,)})
+    with pytest.raises(ValueError, match="steps returned after 2 means; shared_stages says 3"):
+        apply_rule(rule, layout, {"w": torch.randn(5, dtype=torch.float64)}, layout.init_state(rule), chunk_size=chunk_size)
