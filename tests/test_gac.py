@@ -61,6 +61,8 @@ RULES = {
     "ntm": _ntm,
     "ntm_tensor": lambda: _ntm(over="tensor"),
     "ntm_no_gac": lambda: _ntm(global_cells=0),
+    "gac_row": lambda: _gac(over="row"),
+    "ntm_row": lambda: _ntm(over="row"),
 }
 
 
@@ -123,7 +125,7 @@ def test_shapes_and_input_errors(name: str) -> None:
         (LSTMGAC, {"global_cells": -1}, "between 0 and hidden_size"),
         (LSTMGAC, {"global_cells": [1, 2, 3]}, "one int per layer: 2"),
         (LSTMGAC, {"global_cells": [1.5, 2]}, "Invalid global_cells"),
-        (LSTMGAC, {"over": "layer"}, "Invalid over"),
+        (LSTMGAC, {"over": "layer"}, r"Invalid over: 'layer' \(expected one of \('kind', 'tensor', 'row'\)"),
         (LSTMGAC, {"hidden_size": 0}, "Invalid hidden_size"),
         (LSTMGAC, {"num_layers": 0}, "Invalid num_layers"),
         (LSTMGAC, {"preprocessing": "x"}, "Invalid preprocessing"),
@@ -406,3 +408,23 @@ def test_a_rule_whose_stages_do_not_match_its_steps_is_refused(chunk_size: int |
     layout = KindLayout({"w": (5,)})
     with pytest.raises(ValueError, match="steps returned after 2 means; shared_stages says 3"):
         apply_rule(rule, layout, {"w": torch.randn(5, dtype=torch.float64)}, layout.init_state(rule), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("name", ["gac_row", "ntm_row"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_over_row_is_each_function_of_a_quadratic_batch_alone(name: str, chunk_size: int | None) -> None:
+    """over="row": each row of a (functions, dim) tensor is its own group, as if optimised alone (the
+    paper's optimizee is one 10-d function); a vector is one group."""
+    rule = RULES[name]()
+    layout = KindLayout({"theta": (4, 5), "bias": (3,)})
+    states = layout.init_state(rule, dtype=torch.float64)
+    grads = {"theta": torch.randn(4, 5, dtype=torch.float64), "bias": torch.randn(3, dtype=torch.float64)}
+    for _ in range(2):
+        out = apply_rule(rule, layout, grads, states, chunk_size=chunk_size)
+        for i in range(4):
+            u, _ = rule(grads["theta"][i], layout.state_of(states, "theta")[5 * i : 5 * i + 5])
+            assert_close(out.updates["theta"][i], u, rtol=1e-12, atol=1e-14)
+        u, _ = rule(grads["bias"], layout.state_of(states, "bias"))
+        assert_close(out.updates["bias"], u, rtol=1e-12, atol=1e-14)
+        states = out.states
+        grads = {k: torch.randn_like(v) for k, v in grads.items()}

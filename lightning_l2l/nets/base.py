@@ -24,8 +24,10 @@ from lightning_l2l.nets.kinds import DEFAULT_KIND
 __all__ = ["UpdateRule", "DEFAULT_KIND", "SHARE_OVER", "RuleSteps", "run_steps"]
 
 #: what a rule that shares information between coordinates averages over: all coordinates of a kind
-#: that :func:`~lightning_l2l.nets.apply_rule` updates in one call, or each tensor's separately
-SHARE_OVER = ("kind", "tensor")
+#: that :func:`~lightning_l2l.nets.apply_rule` updates in one call, each tensor's separately, or each
+#: row's (a slice along the first dimension of a tensor of 2 or more dimensions: one quadratic of a
+#: ``(functions, dim)`` batch, one output unit's weights of a linear layer; a vector is one row)
+SHARE_OVER = ("kind", "tensor", "row")
 
 #: :meth:`UpdateRule.steps`: yields per-coordinate values ``(n, d)``, is sent their group means
 #: (``(n, d)`` or ``(1, d)``), returns ``(update (n,), new state)``
@@ -93,7 +95,7 @@ class UpdateRule(nn.Module, ABC):
         return 0
 
     def shared_over(self, kind: str = DEFAULT_KIND) -> str:
-        """What the means of :meth:`steps` are taken over: ``"kind"`` or ``"tensor"`` (:data:`SHARE_OVER`)."""
+        """What the means of :meth:`steps` are over: ``"kind"``, ``"tensor"`` or ``"row"`` (:data:`SHARE_OVER`)."""
         return "kind"
 
     def steps(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> RuleSteps:

@@ -108,7 +108,7 @@ class LSTMGAC(_SharingLSTM):
 
     In layer ``l`` the first ``k_l`` of the ``hidden_size`` cells are global averaging cells: after
     the LSTM update their outgoing activations are replaced by the mean over the group ``G`` of
-    coordinates (every coordinate of the kind, or of the tensor, updated in the call):
+    coordinates (every coordinate of the kind updated in the call, or of the tensor, or of the row):
 
     .. math::  h^l_{i,j} \\leftarrow \\frac{1}{|G|} \\sum_{i' \\in G} h^l_{i',j}, \\quad j < k_l
 
@@ -122,7 +122,9 @@ class LSTMGAC(_SharingLSTM):
         global_cells: global averaging cells per layer (the first ones of the layer): one int for
             every layer, or one per layer (default 4; the paper does not give its number).
         over: ``"kind"`` (default): average over every coordinate of the parameter kind in the call
-            (``LearnedOptimizer``: of the param group on one device); ``"tensor"``: over each tensor's.
+            (``LearnedOptimizer``: of the param group on one device); ``"tensor"``: over each tensor's;
+            ``"row"``: over each row's (first dimension of a tensor of 2+ dimensions: each function
+            of a ``(functions, dim)`` batch of quadratics; a vector is one row).
         preprocessing: ``"log_sign"`` (Appendix A) or ``"none"``.
         p: the constant of the log-sign preprocessing (paper: 10).
         output_scale: constant multiplying the network's output (paper: 0.1 for MNIST).
@@ -212,7 +214,8 @@ class NTMBFGS(_SharingLSTM):
             is shared anyway).
         memory_size: outer products the memory keeps (``U``, ``V`` columns); a multiple of ``write_rank``.
         write_rank: rank of each step's write (BFGS: 2).
-        over: ``"kind"`` or ``"tensor"``: the group that shares averages and one memory.
+        over: ``"kind"``, ``"tensor"`` or ``"row"`` (see :class:`LSTMGAC`): the group that shares
+            averages and one memory.
         preprocessing: ``"log_sign"`` (Appendix A) or ``"none"``.
         p: the constant of the log-sign preprocessing (paper: 10).
         output_scale: constant multiplying the network's output (paper: 0.1 for MNIST).

@@ -151,8 +151,9 @@ def apply_rule(
     coordinates (``rule.shared_stages(kind) > 0``: :class:`~lightning_l2l.nets.LSTMGAC`,
     :class:`~lightning_l2l.nets.NTMBFGS`) is run through its :meth:`~UpdateRule.steps`: each mean it
     needs is taken over every coordinate of the kind that gets an update in this call (or over each
-    tensor's, ``rule.shared_over(kind) == "tensor"``), whatever the chunks; coordinates that are
-    skipped (no gradient, non-finite, exact zeros with ``"skip"``) do not count in it. Unchunked, all
+    tensor's, ``rule.shared_over(kind) == "tensor"``, or each row's, ``"row"``), whatever the chunks;
+    coordinates that are skipped (no gradient, non-finite, exact zeros with ``"skip"``) do not count
+    in it. Unchunked, all
     runs of a kind advance together; chunked, every mean costs one more pass over the chunks (the
     rule's network is recomputed up to it), so the temporaries stay bounded by ``chunk_size``.
 
@@ -277,8 +278,14 @@ def _shared_step(
     skipped coordinate) per tensor, then grouped over the kind or per tensor.
     """
     over = rule.shared_over(kind)
-    position = {e.key: i for i, e in enumerate(entries)}
-    chunks: list[tuple[int, Tensor, Tensor, Tensor | None, Tensor]] = []  # (run, grad, state, keep, tensor ids)
+    # groups: one per tensor ("kind" sums them all), or one per row of each tensor ("row": a slice along
+    # the first dimension of a tensor of 2 or more dimensions; a vector or scalar is one row)
+    first: dict[Hashable, int] = {}  # the first group of each tensor
+    num_groups = 0
+    for e in entries:
+        first[e.key] = num_groups
+        num_groups += _rows(e) if over == "row" else 1
+    chunks: list[tuple[int, Tensor, Tensor, Tensor | None, Tensor]] = []  # (run, grad, state, keep, group ids)
     bads: list[Tensor] = []
     sizes: list[int] = []
     for r, run in enumerate(runs):
@@ -289,10 +296,7 @@ def _shared_step(
         keep = finite & (g != 0) if zero_grads == "skip" else finite
         bads.append((~finite).sum())
         mask = bool((~keep).any())  # the one host sync of a run, as in _step
-        ids = torch.repeat_interleave(
-            torch.tensor([position[e.key] for e in run], device=g.device),
-            torch.tensor([e.numel for e in run], device=g.device),
-        )  # (n,) the tensor of each coordinate, as its position in the kind
+        ids = _cat([_group_ids(e, first[e.key], over, g.device) for e in run])  # (n,) group of each coordinate
         n = g.numel()
         size = n if chunk_size is None else max(1, min(chunk_size, n))
         sizes.append(n)
@@ -300,11 +304,11 @@ def _shared_step(
             part = slice(s, s + size)
             chunks.append((r, g[part], h[part], keep[part] if mask else None, ids[part]))
     dtype = torch.promote_types(state.dtype, torch.float32) if state.is_floating_point() else torch.float32
-    counts = state.new_zeros(len(entries), dtype=dtype)  # (tensors,) coordinates that count in a mean
+    counts = state.new_zeros(num_groups, dtype=dtype)  # (groups,) coordinates that count in a mean
     for _, g, _, keep, ids in chunks:
         counts = counts.index_add(0, ids, keep.to(dtype) if keep is not None else g.new_ones(g.shape, dtype=dtype))
 
-    def means(sums: Tensor) -> Tensor:  # (tensors, d) sums -> (1, d) or (tensors, d) means
+    def means(sums: Tensor) -> Tensor:  # (groups, d) sums -> (1, d) or (groups, d) means
         if over == "kind":
             return sums.sum(0, keepdim=True) / counts.sum().clamp_min(1)
         return sums / counts.clamp_min(1)[:, None]
@@ -315,7 +319,7 @@ def _shared_step(
         if keep is not None:  # where, not a product: a skipped coordinate may be NaN
             values = torch.where(keep[:, None], values, torch.zeros_like(values))
         if sums is None:  # at least float32: a bfloat16 sum over many coordinates would lose the mean
-            sums = values.new_zeros(len(entries), values.shape[1], dtype=torch.promote_types(values.dtype, dtype))
+            sums = values.new_zeros(num_groups, values.shape[1], dtype=torch.promote_types(values.dtype, dtype))
         return sums.index_add(0, ids, values.to(sums.dtype))
 
     def share(mean: Tensor, ids: Tensor) -> Tensor:  # the group mean of each coordinate of a chunk
@@ -389,6 +393,18 @@ def _shared_step(
         updates, hs = per_run[r]
         results.append((_cat(updates), h if inplace else _cat(hs), bads[r]))
     return results
+
+
+def _rows(e: _Entry) -> int:
+    """Groups of tensor ``e`` under ``over="row"``: its first dimension (1 for a vector or scalar)."""
+    return e.shape[0] if len(e.shape) >= 2 and e.numel else 1
+
+
+def _group_ids(e: _Entry, first: int, over: str, device: torch.device) -> Tensor:
+    """``(numel,)`` group of each coordinate of tensor ``e``, whose groups start at ``first``."""
+    if over != "row" or _rows(e) == 1:
+        return torch.full((e.numel,), first, dtype=torch.int64, device=device)
+    return torch.arange(e.numel, device=device) // (e.numel // _rows(e)) + first
 
 
 def _runs(entries: Sequence[_Entry], grads: Mapping[Hashable, Tensor | None]) -> list[list[_Entry]]:
