@@ -1,6 +1,6 @@
 """Table and plot of LSTM / LSTM+GAC / NTM-BFGS against tuned baselines on held-out quadratics (docs/gac.md).
 
-    python benchmarks/gac_quadratic.py --runs runs/gac_exp --out docs/results/gac
+    python benchmarks/gac_quadratic.py --runs runs/gac_exp runs/gac_exp_row:over=row --out docs/results/gac
 
 Reads the reports ``l2l test --ckpt_path best`` writes (``comparison.json`` and ``comparison.csv``)
 under ``RUNS/seedN/runs/{quadratic,quadratic_gac,quadratic_ntm}/csv/version_*/`` (the latest version
@@ -9,7 +9,8 @@ of each), one per meta-training seed and rule, as ``runs/gac_exp/run_jobs.sh``-s
 then ``l2l test`` of that run with ``--seed_everything 0 --model.seed 0``, so that every seed is tested
 on the same 256 held-out quadratics against the same tuned baselines. Writes ``gac_quadratic.md``
 (ratio to the best tuned baseline at the last step, per seed, mean and worst) and ``gac_quadratic.png``
-(mean learning curves; the baselines of one report).
+(mean learning curves; the baselines of one report). ``DIR:NOTE`` labels that directory's rules
+with ``NOTE`` (runs with ``--model.rule.init_args.over row``, say).
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ def latest_report(run: Path) -> Path | None:
     return max(versions, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
-def collect(runs: Path) -> dict[str, dict[int, Path]]:
-    """``{rule dir: {seed: report dir}}``."""
-    out: dict[str, dict[int, Path]] = {name: {} for name in RULES}
-    for seed_dir in sorted(runs.glob("seed*")):
-        seed = int(seed_dir.name.removeprefix("seed"))
-        for name in RULES:
+def collect(runs: Path, note: str = "") -> dict[str, dict[int, Path]]:
+    """``{label: {seed: report dir}}`` (rules without a report left out)."""
+    out: dict[str, dict[int, Path]] = {}
+    for name, label in RULES.items():
+        for seed_dir in sorted(runs.glob("seed*"), key=lambda p: int(p.name.removeprefix("seed"))):
             report = latest_report(seed_dir / "runs" / name)
             if report is not None:
-                out[name][seed] = report
+                out.setdefault(f"{label}, {note}" if note else label, {})[int(seed_dir.name.removeprefix("seed"))] = report
     return out
 
 
@@ -52,10 +52,8 @@ def table(found: dict[str, dict[int, Path]]) -> str:
         "| rule | seeds | ratio to best tuned baseline at the last step, per seed | mean | worst | best baseline (lr) |",
         "|---|---|---|---|---|---|",
     ]
-    for name, label in RULES.items():
-        if not found[name]:
-            continue
-        docs = {seed: json.loads((p / "comparison.json").read_text()) for seed, p in sorted(found[name].items())}
+    for label, reports in found.items():
+        docs = {seed: json.loads((p / "comparison.json").read_text()) for seed, p in sorted(reports.items())}
         ratios = [d["ratio_to_best_baseline"] for d in docs.values()]
         per_seed = ", ".join(f"{s}: {d['ratio_to_best_baseline']:.3f}" for s, d in docs.items())
         base = {f"{d['best_baseline']} ({d['lrs'][d['best_baseline']]:.3g})" for d in docs.values()}
@@ -74,10 +72,8 @@ def plot(found: dict[str, dict[int, Path]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     baselines = None
-    for name, label in RULES.items():
-        if not found[name]:
-            continue
-        all_curves = [curves(p) for p in found[name].values()]
+    for label, reports in found.items():
+        all_curves = [curves(p) for p in reports.values()]
         n = len(all_curves[0]["learned"])
         mean = [statistics.mean(c["learned"][t] for c in all_curves) for t in range(n)]
         ax.plot(mean, label=f"{label} (mean of {len(all_curves)} seeds)", linewidth=2)
@@ -95,10 +91,14 @@ def plot(found: dict[str, dict[int, Path]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="runs/gac_exp", help="the directory holding seedN/ runs")
+    parser.add_argument("--runs", nargs="+", default=["runs/gac_exp"],
+                        help="directories holding seedN/ runs, each as DIR or DIR:NOTE")
     parser.add_argument("--out", default="docs/results/gac", help="where to write the table and the plot")
     args = parser.parse_args(argv)
-    found = collect(Path(args.runs))
+    found: dict[str, dict[int, Path]] = {}
+    for item in args.runs:
+        path, _, note = item.partition(":")
+        found.update(collect(Path(path), note))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(found)

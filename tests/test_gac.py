@@ -376,9 +376,10 @@ def test_gac_quadratic_report(tmp_path: Path) -> None:
             doc = {"ratio_to_best_baseline": value, "best_baseline": "adam", "lrs": {"adam": 0.316}}
             (d / "comparison.json").write_text(json.dumps(doc))
             (d / "comparison.csv").write_text("step,learned,sgd,adam\n0,1,1,1\n1,0.5,0.9,0.8\n")
-    bench.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")])
+    bench.main(["--runs", str(tmp_path), f"{tmp_path}:over=row", "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "gac_quadratic.md").read_text()
     assert "| LSTM+GAC | 2 | 0: 0.500, 1: 0.700 | 0.600 | 0.700 | adam (0.316) |" in text
+    assert "| LSTM+GAC, over=row | 2 |" in text
     assert "| LSTM (coordinatewise) | 1 | 0: 0.900 |" in text and "NTM-BFGS" not in text
     assert (tmp_path / "out" / "gac_quadratic.png").stat().st_size > 0
 
