@@ -1,4 +1,4 @@
-"""LSTM+GAC and NTM-BFGS (arXiv 1606.04474, section 2.2): rules that share information between coordinates."""
+"""LSTM+GAC and NTM-BFGS (arXiv 1606.04474, section "Information sharing between coordinates")."""
 
 from __future__ import annotations
 

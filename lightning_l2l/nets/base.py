@@ -83,7 +83,7 @@ class UpdateRule(nn.Module, ABC):
 
     # ------------------------------------------------- information sharing between coordinates
     # A coordinatewise rule needs none of this. A rule that shares information between coordinates
-    # (section 2.2 of the arXiv version, "Information sharing between coordinates": LSTM+GAC,
+    # (the arXiv version's section "Information sharing between coordinates": LSTM+GAC,
     # NTM-BFGS) needs means over coordinates it may not see in one call: apply_rule chunks a kind's
     # coordinates and skips tensors without a gradient. Such a rule writes its step as a generator,
     # :meth:`steps`, that yields each quantity it needs averaged and is sent the mean; apply_rule

@@ -1,6 +1,6 @@
 """Update rules that share information between coordinates: LSTM+GAC and NTM-BFGS.
 
-Andrychowicz et al. (2016), arXiv 1606.04474, section 2.2, "Information sharing between
+Andrychowicz et al. (2016), arXiv 1606.04474, section "Information sharing between
 coordinates": the coordinatewise LSTM cannot implement anything that needs the other coordinates
 (second-order methods, gradient clipping by a global norm). Two variants relax it:
 
@@ -104,7 +104,8 @@ class _SharingLSTM(UpdateRule):
 
 
 class LSTMGAC(_SharingLSTM):
-    """The coordinatewise LSTM with global averaging cells (LSTM+GAC; arXiv 1606.04474, section 2.2).
+    """The coordinatewise LSTM with global averaging cells (LSTM+GAC; arXiv 1606.04474, section
+    "Information sharing between coordinates").
 
     In layer ``l`` the first ``k_l`` of the ``hidden_size`` cells are global averaging cells: after
     the LSTM update their outgoing activations are replaced by the mean over the group ``G`` of
@@ -185,7 +186,7 @@ class LSTMGAC(_SharingLSTM):
 
 class NTMBFGS(_SharingLSTM):
     """An LSTM+GAC controller with an external memory shared by all coordinates (NTM-BFGS; arXiv
-    1606.04474, section 2.2 and its appendix).
+    1606.04474, section "Information sharing between coordinates" and its appendix).
 
     The memory is an ``n x n`` matrix over the group's ``n`` coordinates, kept in factored form as the
     last ``memory_size`` outer products written, ``M = U V^T / n`` with ``U, V`` of shape
