@@ -3,13 +3,17 @@
     python benchmarks/step_time.py                       # CPU (and CUDA if present), 10k ... 10M parameters
     python benchmarks/step_time.py --sizes 1e4 1e5 --threads 1 --device cpu
     python benchmarks/step_time.py --compile             # also LearnedOptimizer(compile=True)
+    python benchmarks/step_time.py --sizes 1e5 --device cpu --rules lstm gac ntm   # LSTM+GAC, NTM-BFGS too
 
 For each MLP size and optimizer the script times ``optimizer.step()`` alone (gradients are
 computed once and reused, so the model's forward/backward does not blur the optimizer's cost) and
 measures the memory the optimizer adds at its peak (state plus temporaries). Every configuration
 runs in a fresh subprocess, so peaks do not leak into each other. ``--compile`` adds rows for
 ``LearnedOptimizer(compile=True)``: its first step (compilation included) is reported apart, and two
-untimed steps precede the timed ones.
+untimed steps precede the timed ones. ``--rules gac ntm`` adds rows for ``LearnedOptimizer`` with
+a randomly initialised :class:`~lightning_l2l.nets.LSTMGAC` / :class:`~lightning_l2l.nets.NTMBFGS`
+(default configs; their speed does not depend on the weights' values): with more coordinates than
+``chunk_size``, each of their means over coordinates costs one more pass over the chunks.
 
 Floors (what the step cannot beat on this machine):
 
@@ -51,13 +55,15 @@ def mlp(num_params: int) -> nn.Module:
 def _make_optimizer(
     name: str, model: nn.Module, weights: str | None, chunk_size: int | None
 ) -> torch.optim.Optimizer:
-    """``adam``, ``learned`` or ``compiled`` (the learned optimizer with ``compile=True``)."""
+    """``adam``, ``learned`` or ``compiled`` (the learned optimizer with ``compile=True``), ``gac``, ``ntm``."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     from lightning_l2l import LearnedOptimizer
-    from lightning_l2l.nets import CoordinatewiseLSTM
+    from lightning_l2l.nets import LSTMGAC, NTMBFGS, CoordinatewiseLSTM
 
     rule = weights if weights else CoordinatewiseLSTM()  # speed does not depend on the weights' values
+    if name in ("gac", "ntm"):
+        rule = LSTMGAC() if name == "gac" else NTMBFGS()
     return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size, compile=name == "compiled")
 
 
@@ -132,21 +138,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def rule_costs(weights: str | None) -> tuple[int, int]:
-    """(state floats per coordinate, network FLOPs per coordinate) of the learned optimizer's rule."""
-    from lightning_l2l.nets import CoordinatewiseLSTM, PerKindRule
+def rule_costs(weights: str | None, name: str = "learned") -> tuple[int, int]:
+    """(state floats per coordinate, network FLOPs per coordinate) of the learned optimizer's rule.
+
+    For ``gac`` and ``ntm`` the FLOPs are one pass of the network (the means, the replays of a
+    chunked step and NTM-BFGS's memory products are not counted).
+    """
+    from lightning_l2l.nets import LSTMGAC, NTMBFGS, CoordinatewiseLSTM, PerKindRule
     from lightning_l2l.pretrained import resolve
 
-    rule = resolve(weights)[0] if weights else CoordinatewiseLSTM()
+    if name in ("gac", "ntm"):
+        rule = LSTMGAC() if name == "gac" else NTMBFGS()
+    else:
+        rule = resolve(weights)[0] if weights else CoordinatewiseLSTM()
     if isinstance(rule, PerKindRule):
         rule = rule.network_for("fc")
-    assert isinstance(rule, CoordinatewiseLSTM), "the floor model covers the LSTM rule"
+    assert isinstance(rule, (CoordinatewiseLSTM, LSTMGAC, NTMBFGS)), "the floor model covers the LSTM rules"
     flops, inputs = 0, 2 if rule.preprocessing == "log_sign" else 1
+    inputs += isinstance(rule, NTMBFGS)  # the previous read
     for layer in range(rule.num_layers):
         fan = (inputs if layer == 0 else rule.hidden_size) + rule.hidden_size
         flops += 2 * fan * 4 * rule.hidden_size  # the four gates
     flops += 2 * rule.hidden_size  # output layer
-    return rule.num_layers * 2 * rule.hidden_size, flops
+    if isinstance(rule, NTMBFGS):
+        flops += 2 * rule.hidden_size * (1 + 2 * rule.write_rank) + 2  # heads, the read's extra input
+    return rule.init_state(0).shape[1:].numel(), flops
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -161,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="LearnedOptimizer chunk_size (default: its own)")
     parser.add_argument("--weights", default=None, help="weights for LearnedOptimizer (default: shipped quadratic)")
     parser.add_argument("--compile", action="store_true", help="also time LearnedOptimizer(compile=True)")
+    parser.add_argument("--rules", nargs="+", choices=["lstm", "gac", "ntm"], default=["lstm"],
+                        help="learned rules to time: lstm (the weights), gac (LSTMGAC()), ntm (NTMBFGS())")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -173,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     chunk = args.chunk_size
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    state_floats, net_flops = rule_costs(weights)
+    costs = {name: rule_costs(weights, name) for name in ("learned", "gac", "ntm")}
+    learned = [{"lstm": "learned", "gac": "gac", "ntm": "ntm"}[r] for r in args.rules]
     print(f"torch {torch.__version__}, {args.threads} CPU threads, weights {weights or 'random CoordinatewiseLSTM()'}, "
           f"chunk_size {chunk or 'default'}")
     rows = []
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         bw, rate = bandwidth(dev, args.threads), matmul_rate(dev, args.threads)
         print(f"{device}: measured copy bandwidth {bw / 1e9:.1f} GB/s, float32 matmul {rate / 1e9:.0f} GFLOP/s")
         for size in args.sizes:
-            for name in ("adam", "learned", *(("compiled",) if args.compile else ())):
+            for name in ("adam", *learned, *(("compiled",) if args.compile else ())):
                 steps = args.steps or (3 if size >= 5e6 else 10 if size >= 5e5 else 50)
                 cfg = dict(size=int(size), optimizer=name, device=device, threads=args.threads, steps=steps,
                            warmup=2 if name == "compiled" else 1, weights=weights, chunk_size=chunk)
@@ -196,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                 if name == "adam":
                     bytes_moved, flops = n * 4 * 7, n * 12
                 else:
+                    state_floats, net_flops = costs["learned" if name == "compiled" else name]
                     bytes_moved, flops = n * 4 * (3 + 2 * state_floats), n * net_flops
                 row.update(bandwidth=bw, matmul=rate, floor_mem_s=bytes_moved / bw, floor_flops_s=flops / rate)
                 row["floor_s"] = max(row["floor_mem_s"], row["floor_flops_s"])
@@ -210,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(rows, f, indent=2)
 
 
-NAMES = {"adam": "Adam", "learned": "LearnedOptimizer", "compiled": "LearnedOptimizer (compile=True)"}
+NAMES = {"adam": "Adam", "learned": "LearnedOptimizer", "compiled": "LearnedOptimizer (compile=True)",
+         "gac": "LearnedOptimizer, LSTMGAC()", "ntm": "LearnedOptimizer, NTMBFGS()"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -3,7 +3,8 @@
 Nothing here knows about tasks, Lightning or ``torch.optim``.
 """
 
-from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
+from lightning_l2l.nets.base import DEFAULT_KIND, SHARE_OVER, UpdateRule
+from lightning_l2l.nets.gac import LSTMGAC, NTMBFGS
 from lightning_l2l.nets.kinds import layer_kind, param_kinds, params_by_kind, shape_kind
 from lightning_l2l.nets.layout import ZERO_GRADS, KindLayout, RuleStep, apply_rule
 from lightning_l2l.nets.linear import CoordinatewiseLinear
@@ -18,6 +19,9 @@ __all__ = [
     "DEFAULT_KIND",
     "UpdateRule",
     "CoordinatewiseLSTM",
+    "LSTMGAC",
+    "NTMBFGS",
+    "SHARE_OVER",
     "CoordinatewiseLinear",
     "MomentMLP",
     "PerKindRule",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -20,7 +21,17 @@ from torch import Tensor, nn
 
 from lightning_l2l.nets.kinds import DEFAULT_KIND
 
-__all__ = ["UpdateRule", "DEFAULT_KIND"]
+__all__ = ["UpdateRule", "DEFAULT_KIND", "SHARE_OVER", "RuleSteps", "run_steps"]
+
+#: what a rule that shares information between coordinates averages over: all coordinates of a kind
+#: that :func:`~lightning_l2l.nets.apply_rule` updates in one call, each tensor's separately, or each
+#: row's (a slice along the first dimension of a tensor of 2 or more dimensions: one quadratic of a
+#: ``(functions, dim)`` batch, one output unit's weights of a linear layer; a vector is one row)
+SHARE_OVER = ("kind", "tensor", "row")
+
+#: :meth:`UpdateRule.steps`: yields per-coordinate values ``(n, d)``, is sent their group means
+#: (``(n, d)`` or ``(1, d)``), returns ``(update (n,), new state)``
+RuleSteps = Generator[Tensor, Tensor, tuple[Tensor, Tensor]]
 
 
 class UpdateRule(nn.Module, ABC):
@@ -70,8 +81,44 @@ class UpdateRule(nn.Module, ABC):
     def forward(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> tuple[Tensor, Tensor]:
         """Map a flat ``(n,)`` gradient and its ``(n, ...)`` state to ``(update (n,), new state)``."""
 
+    # ------------------------------------------------- information sharing between coordinates
+    # A coordinatewise rule needs none of this. A rule that shares information between coordinates
+    # (the arXiv version's section "Information sharing between coordinates": LSTM+GAC,
+    # NTM-BFGS) needs means over coordinates it may not see in one call: apply_rule chunks a kind's
+    # coordinates and skips tensors without a gradient. Such a rule writes its step as a generator,
+    # :meth:`steps`, that yields each quantity it needs averaged and is sent the mean; apply_rule
+    # computes the means over every chunk of the kind (or of each tensor), so chunking does not
+    # change what a mean is.
+
+    def shared_stages(self, kind: str = DEFAULT_KIND) -> int:
+        """How many means over coordinates one step of ``kind`` needs (0: a coordinatewise rule)."""
+        return 0
+
+    def shared_over(self, kind: str = DEFAULT_KIND) -> str:
+        """What the means of :meth:`steps` are over: ``"kind"``, ``"tensor"`` or ``"row"`` (:data:`SHARE_OVER`)."""
+        return "kind"
+
+    def steps(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> RuleSteps:
+        """One step as a generator: ``shared_stages(kind)`` times it yields per-coordinate values
+        ``(n, d)`` and is sent their means over the group (``(n, d)``, or ``(1, d)`` for one group);
+        then it returns ``(update (n,), new state)``. The default yields nothing and returns
+        ``forward(grad, state, kind)``.
+        """
+        return self(grad, state, kind)
+        yield  # a generator that yields nothing  # pragma: no cover
+
     def state_dtype(self) -> torch.dtype:
         """The dtype the rule keeps its state in: that of its weights."""
         for p in self.parameters():
             return p.dtype
         return torch.get_default_dtype()
+
+
+def run_steps(steps: RuleSteps, mean: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Drive :meth:`UpdateRule.steps` in one call: every yielded ``(n, d)`` is sent ``mean(values)``."""
+    try:
+        values = next(steps)
+        while True:
+            values = steps.send(mean(values))
+    except StopIteration as done:
+        return done.value

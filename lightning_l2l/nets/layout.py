@@ -147,7 +147,17 @@ def apply_rule(
     """One step of ``rule`` on every tensor of ``layout``: ``[g, h'] = m(grad, h; phi)`` coordinatewise.
 
     Each kind's gradients go through the rule in one call (or one per ``chunk_size`` coordinates; the
-    result is the same, since the rule is coordinatewise). A tensor whose gradient is missing or
+    result is the same, since the rule is coordinatewise). A rule that shares information between
+    coordinates (``rule.shared_stages(kind) > 0``: :class:`~lightning_l2l.nets.LSTMGAC`,
+    :class:`~lightning_l2l.nets.NTMBFGS`) is run through its :meth:`~UpdateRule.steps`: each mean it
+    needs is taken over every coordinate of the kind that gets an update in this call (or over each
+    tensor's, ``rule.shared_over(kind) == "tensor"``, or each row's, ``"row"``), whatever the chunks;
+    coordinates that are skipped (no gradient, non-finite, exact zeros with ``"skip"``) do not count
+    in it. Unchunked, all
+    runs of a kind advance together; chunked, every mean costs one more pass over the chunks (the
+    rule's network is recomputed up to it), so the temporaries stay bounded by ``chunk_size``.
+
+    A tensor whose gradient is missing or
     ``None`` is skipped: no update, its state unchanged, and its coordinates are never computed.
     A gradient entry that is not finite (NaN, +-inf) gives its coordinate a zero update and leaves
     its state unchanged, as if the step had not happened for it; so does an exact zero with
@@ -176,11 +186,18 @@ def apply_rule(
         state = states[kind]
         pieces: list[Tensor] = []  # the kind's new state, run by run and gap by gap (not inplace)
         done = 0
-        for run in _runs(entries, grads):
+        runs = _runs(entries, grads)
+        shared = _shared_stages(rule, kind)
+        if shared and runs:  # a rule that averages over coordinates: every run of the kind at once
+            results = _shared_step(rule, entries, runs, grads, state, kind, shared, chunk_size, zero_grads, inplace)
+        for i, run in enumerate(runs):
             g = _cat([grads[e.key].reshape(-1) for e in run])  # type: ignore[union-attr]  # (n,)
             start = run[0].offset
             h = state[start : start + g.numel()]  # (n, *state_shape), a view
-            update, h_new, bad = _step(rule, g, h, kind, chunk_size, zero_grads, inplace)
+            if shared:
+                update, h_new, bad = results[i]
+            else:
+                update, h_new, bad = _step(rule, g, h, kind, chunk_size, zero_grads, inplace)
             nonfinite.append(bad)
             num_coords += g.numel()
             for e, u in zip(run, torch.split(update, [e.numel for e in run]), strict=True):
@@ -235,6 +252,159 @@ def _step(
     if update is None:
         update = _cat(updates) if updates else torch.empty_like(g)
     return update, h if inplace else (_cat(states) if states else h), bad
+
+
+def _shared_stages(rule: UpdateRule, kind: str) -> int:
+    """``rule.shared_stages(kind)``; 0 for a plain callable (a compiled coordinatewise network)."""
+    stages = getattr(rule, "shared_stages", None)
+    return stages(kind) if callable(stages) else 0
+
+
+def _shared_step(
+    rule: UpdateRule,
+    entries: Sequence[_Entry],
+    runs: Sequence[Sequence[_Entry]],
+    grads: Mapping[Hashable, Tensor | None],
+    state: Tensor,
+    kind: str,
+    stages: int,
+    chunk_size: int | None,
+    zero_grads: str,
+    inplace: bool,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """A coordinate-sharing rule on every run of one kind: ``[(update, new state, non-finite count)]`` per run.
+
+    Each of the ``stages`` means is a weighted sum over every chunk of every run (weight 0 for a
+    skipped coordinate) per tensor, then grouped over the kind or per tensor.
+    """
+    over = rule.shared_over(kind)
+    # groups: one per tensor ("kind" sums them all), or one per row of each tensor ("row": a slice along
+    # the first dimension of a tensor of 2 or more dimensions; a vector or scalar is one row)
+    first: dict[Hashable, int] = {}  # the first group of each tensor
+    num_groups = 0
+    for e in entries:
+        first[e.key] = num_groups
+        num_groups += _rows(e) if over == "row" else 1
+    chunks: list[tuple[int, Tensor, Tensor, Tensor | None, Tensor]] = []  # (run, grad, state, keep, group ids)
+    bads: list[Tensor] = []
+    sizes: list[int] = []
+    for r, run in enumerate(runs):
+        g = _cat([grads[e.key].reshape(-1) for e in run])  # type: ignore[union-attr]  # (n,)
+        start = run[0].offset
+        h = state[start : start + g.numel()]  # (n, *state_shape), a view
+        finite = torch.isfinite(g)
+        keep = finite & (g != 0) if zero_grads == "skip" else finite
+        bads.append((~finite).sum())
+        mask = bool((~keep).any())  # the one host sync of a run, as in _step
+        ids = _cat([_group_ids(e, first[e.key], over, g.device) for e in run])  # (n,) group of each coordinate
+        n = g.numel()
+        size = n if chunk_size is None else max(1, min(chunk_size, n))
+        sizes.append(n)
+        for s in range(0, n, size):
+            part = slice(s, s + size)
+            chunks.append((r, g[part], h[part], keep[part] if mask else None, ids[part]))
+    dtype = torch.promote_types(state.dtype, torch.float32) if state.is_floating_point() else torch.float32
+    counts = state.new_zeros(num_groups, dtype=dtype)  # (groups,) coordinates that count in a mean
+    for _, g, _, keep, ids in chunks:
+        counts = counts.index_add(0, ids, keep.to(dtype) if keep is not None else g.new_ones(g.shape, dtype=dtype))
+
+    def means(sums: Tensor) -> Tensor:  # (groups, d) sums -> (1, d) or (groups, d) means
+        if over == "kind":
+            return sums.sum(0, keepdim=True) / counts.sum().clamp_min(1)
+        return sums / counts.clamp_min(1)[:, None]
+
+    def add(sums: Tensor | None, values: Tensor, keep: Tensor | None, ids: Tensor) -> Tensor:
+        if values.dim() != 2 or values.shape[0] != ids.shape[0]:
+            raise ValueError(f"{type(rule).__name__}.steps yielded shape {tuple(values.shape)}; expected (n, d)")
+        if keep is not None:  # where, not a product: a skipped coordinate may be NaN
+            values = torch.where(keep[:, None], values, torch.zeros_like(values))
+        if sums is None:  # at least float32: a bfloat16 sum over many coordinates would lose the mean
+            sums = values.new_zeros(num_groups, values.shape[1], dtype=torch.promote_types(values.dtype, dtype))
+        return sums.index_add(0, ids, values.to(sums.dtype))
+
+    def share(mean: Tensor, ids: Tensor) -> Tensor:  # the group mean of each coordinate of a chunk
+        return mean if over == "kind" else mean[ids]
+
+    def check_done(k: int) -> None:
+        raise ValueError(f"{type(rule).__name__}.steps returned after {k} means; shared_stages says {stages}")
+
+    outs: list[tuple[Tensor, Tensor]] = []
+    total = sum(sizes)
+    if chunk_size is None or total <= chunk_size:
+        # every chunk's step alive at once: no recomputation
+        gens = [rule.steps(g, h, kind) for _, g, h, _, _ in chunks]
+        values: list[Tensor] = []
+        for gen in gens:
+            try:
+                values.append(next(gen))
+            except StopIteration:
+                check_done(0)
+        for k in range(stages):
+            sums = None
+            for v, (_, _, _, keep, ids) in zip(values, chunks, strict=True):
+                sums = add(sums, v, keep, ids)
+            mean = means(sums)  # type: ignore[arg-type]
+            values = []
+            for gen, (_, _, _, _, ids) in zip(gens, chunks, strict=True):
+                try:
+                    values.append(gen.send(share(mean, ids)))
+                except StopIteration as done:
+                    if k + 1 < stages:
+                        check_done(k + 1)
+                    outs.append(done.value)
+            if k + 1 < stages and len(values) != len(gens) or k + 1 == stages and values:
+                raise ValueError(f"{type(rule).__name__}.steps did not yield exactly {stages} times")
+    else:
+        # bounded memory: the k-th mean costs one pass over the chunks, each replaying the step up to it
+        known: list[Tensor] = []
+        for k in range(stages + 1):
+            sums = None
+            for _, g, h, keep, ids in chunks:
+                gen = rule.steps(g, h, kind)
+                try:
+                    v = next(gen)
+                    for j in range(k):
+                        v = gen.send(share(known[j], ids))
+                except StopIteration as done:
+                    if k < stages:
+                        check_done(k)
+                    outs.append(done.value)
+                    continue
+                if k == stages:
+                    raise ValueError(f"{type(rule).__name__}.steps yielded more than {stages} times")
+                gen.close()
+                sums = add(sums, v, keep, ids)
+            if k < stages:
+                known.append(means(sums))  # type: ignore[arg-type]
+    # masking and write-back, chunk by chunk, as _step does
+    per_run: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in runs]
+    for (r, _, hc, keep, _), (u, hn) in zip(chunks, outs, strict=True):
+        if keep is not None:
+            u = torch.where(keep, u, torch.zeros_like(u))
+            hn = torch.where(keep.view(-1, *([1] * (hn.dim() - 1))), hn, hc)
+        if inplace:
+            hc.copy_(hn)
+        per_run[r][0].append(u)
+        per_run[r][1].append(hn)
+    results = []
+    for r, run in enumerate(runs):
+        start = run[0].offset
+        h = state[start : start + sizes[r]]
+        updates, hs = per_run[r]
+        results.append((_cat(updates), h if inplace else _cat(hs), bads[r]))
+    return results
+
+
+def _rows(e: _Entry) -> int:
+    """Groups of tensor ``e`` under ``over="row"``: its first dimension (1 for a vector or scalar)."""
+    return e.shape[0] if len(e.shape) >= 2 and e.numel else 1
+
+
+def _group_ids(e: _Entry, first: int, over: str, device: torch.device) -> Tensor:
+    """``(numel,)`` group of each coordinate of tensor ``e``, whose groups start at ``first``."""
+    if over != "row" or _rows(e) == 1:
+        return torch.full((e.numel,), first, dtype=torch.int64, device=device)
+    return torch.arange(e.numel, device=device) // (e.numel // _rows(e)) + first
 
 
 def _runs(entries: Sequence[_Entry], grads: Mapping[Hashable, Tensor | None]) -> list[list[_Entry]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
+from lightning_l2l.nets.base import DEFAULT_KIND, RuleSteps, UpdateRule
 
 __all__ = ["PerKindRule"]
 
@@ -63,3 +63,12 @@ class PerKindRule(UpdateRule):
 
     def forward(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> tuple[Tensor, Tensor]:
         return self.network_for(kind)(grad, state, kind)
+
+    def shared_stages(self, kind: str = DEFAULT_KIND) -> int:
+        return self.network_for(kind).shared_stages(kind)
+
+    def shared_over(self, kind: str = DEFAULT_KIND) -> str:
+        return self.network_for(kind).shared_over(kind)
+
+    def steps(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> RuleSteps:
+        return (yield from self.network_for(kind).steps(grad, state, kind))

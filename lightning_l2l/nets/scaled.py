@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
+from lightning_l2l.nets.base import DEFAULT_KIND, RuleSteps, UpdateRule
 
 __all__ = ["ScaledRule", "parse_multiplier", "scale_rule"]
 
@@ -55,6 +55,16 @@ class ScaledRule(UpdateRule):
     def forward(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> tuple[Tensor, Tensor]:
         update, state = self.rule(grad, state, kind)
         # the same operation as unroll's `u * lr`: bit-identical to running `rule` at lr=multiplier
+        return update * self.multiplier, state
+
+    def shared_stages(self, kind: str = DEFAULT_KIND) -> int:
+        return self.rule.shared_stages(kind)
+
+    def shared_over(self, kind: str = DEFAULT_KIND) -> str:
+        return self.rule.shared_over(kind)
+
+    def steps(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> RuleSteps:
+        update, state = yield from self.rule.steps(grad, state, kind)
         return update * self.multiplier, state
 
 

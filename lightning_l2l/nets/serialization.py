@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lightning_l2l.nets.base import UpdateRule
+from lightning_l2l.nets.gac import LSTMGAC, NTMBFGS
 from lightning_l2l.nets.linear import CoordinatewiseLinear
 from lightning_l2l.nets.lstm import CoordinatewiseLSTM
 from lightning_l2l.nets.moments import MomentMLP
@@ -23,7 +24,7 @@ from lightning_l2l.nets.scaled import ScaledRule
 
 __all__ = ["RULE_CLASSES", "build_rule", "save_rule", "load_rule", "WeightsError"]
 
-_LOADABLE = (CoordinatewiseLSTM, CoordinatewiseLinear, MomentMLP, PerKindRule, ScaledRule)
+_LOADABLE = (CoordinatewiseLSTM, CoordinatewiseLinear, MomentMLP, PerKindRule, ScaledRule, LSTMGAC, NTMBFGS)
 RULE_CLASSES: dict[str, type[UpdateRule]] = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in _LOADABLE}
 # short names are accepted too: "CoordinatewiseLSTM", "lightning_l2l.nets.CoordinatewiseLSTM"
 for _cls in _LOADABLE:

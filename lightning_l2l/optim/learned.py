@@ -236,8 +236,8 @@ class LearnedOptimizer(Optimizer):
     def _network_for(self, device: torch.device, dtype: torch.dtype) -> Callable[..., tuple[Tensor, Tensor]]:
         """What computes the updates: the rule on that device and dtype, compiled if ``compile``."""
         rule = self._rule_for(device, dtype)
-        if not self.compile:
-            return rule
+        if not self.compile or _shares_coordinates(rule):
+            return rule  # a rule that averages over coordinates runs its steps() generator: eager
         key = (device, dtype)
         if key not in self._compiled:
             self._compiled[key] = _compiled(rule, key, self._compiled)
@@ -444,6 +444,11 @@ def _compiled(
             return out
 
     return call
+
+
+def _shares_coordinates(rule: UpdateRule) -> bool:
+    """Whether ``rule`` or a rule inside it averages over coordinates (LSTM+GAC, NTM-BFGS)."""
+    return any(m.shared_stages() for m in rule.modules() if isinstance(m, UpdateRule))
 
 
 def _valid(state: dict[Tensor, dict[str, Any]], buffers: Sequence[_Buffer], group: dict[str, Any]) -> bool:
