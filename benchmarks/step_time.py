@@ -4,6 +4,7 @@
     python benchmarks/step_time.py --sizes 1e4 1e5 --threads 1 --device cpu
     python benchmarks/step_time.py --compile             # also LearnedOptimizer(compile=True)
     python benchmarks/step_time.py --sizes 1e5 --device cpu --rules lstm gac ntm   # LSTM+GAC, NTM-BFGS too
+    python benchmarks/step_time.py --sizes 1e6 --device cpu --rules lstm moments   # MomentMLP() too
 
 For each MLP size and optimizer the script times ``optimizer.step()`` alone (gradients are
 computed once and reused, so the model's forward/backward does not blur the optimizer's cost) and
@@ -55,15 +56,17 @@ def mlp(num_params: int) -> nn.Module:
 def _make_optimizer(
     name: str, model: nn.Module, weights: str | None, chunk_size: int | None
 ) -> torch.optim.Optimizer:
-    """``adam``, ``learned`` or ``compiled`` (the learned optimizer with ``compile=True``), ``gac``, ``ntm``."""
+    """``adam``, ``learned`` or ``compiled`` (the learned optimizer with ``compile=True``), ``gac``, ``ntm``, ``moments``."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     from lightning_l2l import LearnedOptimizer
-    from lightning_l2l.nets import LSTMGAC, NTMBFGS, CoordinatewiseLSTM
+    from lightning_l2l.nets import LSTMGAC, NTMBFGS, CoordinatewiseLSTM, MomentMLP
 
     rule = weights if weights else CoordinatewiseLSTM()  # speed does not depend on the weights' values
     if name in ("gac", "ntm"):
         rule = LSTMGAC() if name == "gac" else NTMBFGS()
+    if name == "moments":
+        rule = MomentMLP()
     return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size, compile=name == "compiled")
 
 
@@ -144,9 +147,14 @@ def rule_costs(weights: str | None, name: str = "learned") -> tuple[int, int]:
     For ``gac`` and ``ntm`` the FLOPs are one pass of the network (the means, the replays of a
     chunked step and NTM-BFGS's memory products are not counted).
     """
-    from lightning_l2l.nets import LSTMGAC, NTMBFGS, CoordinatewiseLSTM, PerKindRule
+    from lightning_l2l.nets import LSTMGAC, NTMBFGS, CoordinatewiseLSTM, MomentMLP, PerKindRule
     from lightning_l2l.pretrained import resolve
 
+    if name == "moments":  # the MLP's matmuls and its head; the moment updates and features are elementwise
+        rule = MomentMLP()
+        sizes = [rule.num_features] + [layer.out_features for layer in rule.mlp if isinstance(layer, nn.Linear)]
+        flops = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + 2 * sizes[-1] * 2
+        return rule.state_size, flops
     if name in ("gac", "ntm"):
         rule = LSTMGAC() if name == "gac" else NTMBFGS()
     else:
@@ -177,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="LearnedOptimizer chunk_size (default: its own)")
     parser.add_argument("--weights", default=None, help="weights for LearnedOptimizer (default: shipped quadratic)")
     parser.add_argument("--compile", action="store_true", help="also time LearnedOptimizer(compile=True)")
-    parser.add_argument("--rules", nargs="+", choices=["lstm", "gac", "ntm"], default=["lstm"],
-                        help="learned rules to time: lstm (the weights), gac (LSTMGAC()), ntm (NTMBFGS())")
+    parser.add_argument("--rules", nargs="+", choices=["lstm", "gac", "ntm", "moments"], default=["lstm"],
+                        help="learned rules to time: lstm (the weights), gac (LSTMGAC()), ntm (NTMBFGS()), moments (MomentMLP())")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -191,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     chunk = args.chunk_size
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    costs = {name: rule_costs(weights, name) for name in ("learned", "gac", "ntm")}
-    learned = [{"lstm": "learned", "gac": "gac", "ntm": "ntm"}[r] for r in args.rules]
+    costs = {name: rule_costs(weights, name) for name in ("learned", "gac", "ntm", "moments")}
+    learned = [{"lstm": "learned", "gac": "gac", "ntm": "ntm", "moments": "moments"}[r] for r in args.rules]
     print(f"torch {torch.__version__}, {args.threads} CPU threads, weights {weights or 'random CoordinatewiseLSTM()'}, "
           f"chunk_size {chunk or 'default'}")
     rows = []
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 NAMES = {"adam": "Adam", "learned": "LearnedOptimizer", "compiled": "LearnedOptimizer (compile=True)",
-         "gac": "LearnedOptimizer, LSTMGAC()", "ntm": "LearnedOptimizer, NTMBFGS()"}
+         "gac": "LearnedOptimizer, LSTMGAC()", "ntm": "LearnedOptimizer, NTMBFGS()",
+         "moments": "LearnedOptimizer, MomentMLP()"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -183,3 +183,17 @@ def test_direction_scale_zero_keeps_adams_direction() -> None:
         u, state = rule(g, state)
         nonzero = adam != 0
         assert torch.equal(torch.sign(u[nonzero]), -torch.sign(adam[nonzero]))
+
+
+def test_step_time_benchmark_times_it() -> None:
+    """benchmarks/step_time.py --rules moments, shrunk: a row, and the floor model's state size and FLOPs."""
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("step_time")
+    row = bench.worker(dict(size=500, device="cpu", threads=1, steps=2, warmup=1, weights=None, chunk_size=64,
+                            optimizer="moments"))
+    assert row["step_s"] > 0
+    state, flops = bench.rule_costs(None, "moments")
+    assert state == 6  # three momenta, two second moments, the step count
+    assert flops == 2 * (5 * 16 + 16 * 16) + 2 * 16 * 2  # two hidden layers and the two-output head
+    assert flops < bench.rule_costs(None, "learned")[1] / 10  # an order of magnitude below the paper's LSTM
