@@ -55,6 +55,8 @@ from lightning_l2l.evaluation import BASELINES
 from lightning_l2l.evaluation.cache import json_cached
 from lightning_l2l.tasks.mnist import mnist_5k
 
+from conv_compare import mean_sem  # isort: skip  (benchmarks/ is on sys.path when run)
+
 LR_GRID = tuple(10 ** (-4 + 0.5 * i) for i in range(11))  # 1e-4 ... 10
 RECORD = (200, 500, 1000)
 TUNE_STEP = 200  # baselines are tuned on the loss at this step (or at --steps, if fewer)
@@ -225,11 +227,6 @@ def tune(problem: Problem, name: str, seeds: Sequence[int], cache: Path | None, 
     return min(scores, key=lambda k: scores[k])
 
 
-def mean_sem(values: Sequence[float]) -> tuple[float, float]:
-    m = statistics.fmean(values)
-    return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
-
-
 # ------------------------------------------------------------------------------------ report
 def report(args: argparse.Namespace) -> dict:
     out = Path(args.out)
@@ -324,7 +321,7 @@ def select(args: argparse.Namespace) -> None:
     adam = [float(baseline_final_loss("adam", 1e-3, t, args.select_steps)) for t in tasks]
     def show(label: str, finals: list[float]) -> None:
         logs = [math.log(f / a) if math.isfinite(f) else math.inf for f, a in zip(finals, adam, strict=True)]
-        m, se = mean_sem(logs) if all(map(math.isfinite, logs)) else (math.inf, 0.0)
+        m, se = mean_sem(logs)  # (inf, nan) where a run diverged
         print(f"{label}: mean log(x / Adam 1e-3) {m:+.4f} ± {se:.4f}  median {statistics.median(logs):+.3f}  "
               f"worst {max(logs):+.3f}  better than Adam 1e-3 on {sum(v < 0 for v in logs)}/{len(logs)}", flush=True)
 
