@@ -54,11 +54,7 @@ class HeldOutTask(ModuleTask):
     """A :class:`ModuleTask` whose reported loss is the loss on a fixed evaluation set."""
 
     def __init__(self, module: nn.Module, data: dict[str, tuple[Tensor, Tensor]], seed: int) -> None:
-        super().__init__(module, *data["train"], batch_size=128, seed=seed)
-        self.eval_inputs, self.eval_targets = data["eval"]
-
-    def eval_loss(self, params: dict[str, Tensor]) -> Tensor:
-        return self.loss_fn(self.forward(params, self.eval_inputs), self.eval_targets).detach()
+        super().__init__(module, *data["train"], batch_size=128, seed=seed, eval_data=data["eval"])
 
 
 class TinyTransformer(nn.Module):

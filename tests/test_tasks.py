@@ -288,3 +288,17 @@ def test_module_task_family_keeps_global_rng() -> None:
     state = torch.get_rng_state()
     family.sample(torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_module_task_eval_data_is_the_reported_loss(regression_data) -> None:
+    """With eval_data, eval_loss is the loss on those examples (moved by to()); without, None."""
+    x, y = regression_data
+    module = nn.Linear(3, 2).double()
+    plain = ModuleTask(module, x, y, loss_fn=nn.functional.mse_loss, batch_size=4)
+    held = ModuleTask(module, x[:12], y[:12], loss_fn=nn.functional.mse_loss, batch_size=4, eval_data=(x[12:], y[12:]))
+    params = held.init_params()
+    assert plain.eval_loss(params) is None
+    expected = nn.functional.mse_loss(module(x[12:]), y[12:])
+    torch.testing.assert_close(held.eval_loss(params), expected.detach())
+    assert not held.eval_loss(params).requires_grad
+    assert held.to("cpu").eval_inputs.device.type == "cpu"

@@ -91,8 +91,8 @@ class ConvTask(ModuleTask):
     def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, eval_inputs: Tensor,
                  eval_targets: Tensor, batch_size: int = 128, seed: int = 0,
                  kinds: dict[str, str] | None = None) -> None:
-        super().__init__(module, inputs, targets, nn.functional.cross_entropy, batch_size, seed, kinds)
-        self.eval_inputs, self.eval_targets = eval_inputs, eval_targets
+        super().__init__(module, inputs, targets, nn.functional.cross_entropy, batch_size, seed, kinds,
+                         eval_data=(eval_inputs, eval_targets))
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         x, y = super().batch(step)
@@ -108,11 +108,6 @@ class ConvTask(ModuleTask):
         with torch.no_grad():
             x = self.eval_inputs.float() / 255.0
             return float((self.forward(params, x).argmax(1) == self.eval_targets).float().mean())
-
-    def to(self, device: torch.device | str) -> ConvTask:
-        super().to(device)
-        self.eval_inputs, self.eval_targets = self.eval_inputs.to(device), self.eval_targets.to(device)
-        return self
 
 
 class ConvFamily(TaskFamily):

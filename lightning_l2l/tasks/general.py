@@ -58,21 +58,12 @@ class TaskSpec:
 
 
 class GeneralTask(ModuleTask):
-    """A :class:`ModuleTask` whose ``eval_loss`` is the loss on held-out examples."""
+    """A :class:`ModuleTask` evaluated on held-out examples, with a :class:`TaskSpec` saying what it is."""
 
     def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, eval_inputs: Tensor,
                  eval_targets: Tensor, loss_fn: LossFn, batch_size: int, seed: int, spec: TaskSpec) -> None:
-        super().__init__(module, inputs, targets, loss_fn, batch_size, seed=seed)
-        self.eval_inputs, self.eval_targets, self.spec = eval_inputs, eval_targets, spec
-
-    def eval_loss(self, params: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            return self.loss_fn(self.forward(params, self.eval_inputs), self.eval_targets).detach()
-
-    def to(self, device: torch.device | str) -> GeneralTask:
-        super().to(device)
-        self.eval_inputs, self.eval_targets = self.eval_inputs.to(device), self.eval_targets.to(device)
-        return self
+        super().__init__(module, inputs, targets, loss_fn, batch_size, seed=seed, eval_data=(eval_inputs, eval_targets))
+        self.spec = spec
 
     def __repr__(self) -> str:
         s = self.spec

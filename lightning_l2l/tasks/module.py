@@ -32,6 +32,8 @@ class ModuleTask(Task):
         batch_size: minibatch size; ``None`` or ``>= N`` uses the full data every step.
         seed: seed of the minibatch sequence.
         kinds: kind per parameter name; default: from the owning layer (``conv``, ``fc``, ...).
+        eval_data: ``(inputs, targets)`` the task is evaluated on (e.g. held-out examples): :meth:`eval_loss`
+            is the loss on them; ``None`` (default): curves report each step's minibatch loss.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ModuleTask(Task):
         batch_size: int | None = 128,
         seed: int = 0,
         kinds: dict[str, str] | None = None,
+        eval_data: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs have {inputs.shape[0]} rows but targets {targets.shape[0]}")
@@ -50,6 +53,7 @@ class ModuleTask(Task):
             raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1 or None for full batch)")
         self.module, self.inputs, self.targets, self.loss_fn = module, inputs, targets, loss_fn
         self.batch_size, self.seed = batch_size, seed
+        self.eval_inputs, self.eval_targets = eval_data if eval_data is not None else (None, None)
         self._kinds = kinds if kinds is not None else param_kinds(module)
         self._theta0 = {n: p.detach().clone() for n, p in module.named_parameters()}
         # a copy: train-mode layers (batch norm) update running statistics in place, and the
@@ -78,11 +82,20 @@ class ModuleTask(Task):
         x, y = self.batch(step)
         return self.loss_fn(self.forward(params, x), y)
 
+    def eval_loss(self, params: dict[str, Tensor]) -> Tensor | None:
+        """The loss on ``eval_data`` (``None`` without it)."""
+        if self.eval_inputs is None:
+            return None
+        with torch.no_grad():
+            return self.loss_fn(self.forward(params, self.eval_inputs), self.eval_targets).detach()
+
     def to(self, device: torch.device | str) -> ModuleTask:
         self.module = self.module.to(device)
         self.inputs, self.targets = self.inputs.to(device), self.targets.to(device)
         self._theta0 = {n: p.to(device) for n, p in self._theta0.items()}
         self._buffers = {n: b.to(device) for n, b in self._buffers.items()}
+        if self.eval_inputs is not None:
+            self.eval_inputs, self.eval_targets = self.eval_inputs.to(device), self.eval_targets.to(device)
         return self
 
 
