@@ -39,7 +39,7 @@ def _mean_over_all(values: Tensor) -> Tensor:
 class _SharingLSTM(UpdateRule):
     """The shared part: argument checks, the LSTM+GAC layers, and ``forward`` as one group."""
 
-    def _check(
+    def _configure(
         self,
         hidden_size: int,
         num_layers: int,
@@ -47,7 +47,9 @@ class _SharingLSTM(UpdateRule):
         over: str,
         preprocessing: str,
         p: float,
-    ) -> list[int]:
+        output_scale: float,
+    ) -> None:
+        """Check the controller's arguments and keep them (``global_cells`` as one int per layer)."""
         if hidden_size < 1:
             raise ValueError(f"Invalid hidden_size: {hidden_size} (expected >= 1; the paper uses 20)")
         if num_layers < 1:
@@ -65,7 +67,15 @@ class _SharingLSTM(UpdateRule):
             )
         if any(not 0 <= k <= hidden_size for k in cells):
             raise ValueError(f"Invalid global_cells: {global_cells!r} (each between 0 and hidden_size={hidden_size})")
-        return cells
+        self.hidden_size, self.num_layers, self.global_cells, self.over = hidden_size, num_layers, cells, over
+        self.preprocessing, self.p, self.output_scale = preprocessing, float(p), float(output_scale)
+
+    def _quiet_output(self, in_features: int) -> None:
+        """The output layer, started close to "do nothing" as :class:`CoordinatewiseLSTM`'s."""
+        self.out = nn.Linear(in_features, 1)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)
+            self.out.bias.zero_()
 
     def _build_lstm(self, in_features: int, hidden_size: int, num_layers: int) -> None:
         self.cells = nn.ModuleList(
@@ -142,24 +152,14 @@ class LSTMGAC(_SharingLSTM):
         output_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        cells = self._check(hidden_size, num_layers, global_cells, over, preprocessing, p)
-        if not any(cells):
+        self._configure(hidden_size, num_layers, global_cells, over, preprocessing, p, output_scale)
+        if not any(self.global_cells):
             raise ValueError(
                 "Invalid global_cells: 0 in every layer is the coordinatewise LSTM; use CoordinatewiseLSTM"
             )
         self._record_init_args(locals())
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.global_cells = cells
-        self.over = over
-        self.preprocessing = preprocessing
-        self.p = float(p)
-        self.output_scale = float(output_scale)
         self._build_lstm(num_features(preprocessing), hidden_size, num_layers)
-        self.out = nn.Linear(hidden_size, 1)
-        with torch.no_grad():  # start close to "do nothing", as CoordinatewiseLSTM
-            self.out.weight.mul_(0.1)
-            self.out.bias.zero_()
+        self._quiet_output(hidden_size)
 
     def shared_stages(self, kind: str = DEFAULT_KIND) -> int:
         return sum(1 for k in self.global_cells if k)
@@ -235,7 +235,7 @@ class NTMBFGS(_SharingLSTM):
         output_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        cells = self._check(hidden_size, num_layers, global_cells, over, preprocessing, p)
+        self._configure(hidden_size, num_layers, global_cells, over, preprocessing, p, output_scale)
         if isinstance(write_rank, bool) or not isinstance(write_rank, int) or write_rank < 1:
             raise ValueError(f"Invalid write_rank: {write_rank!r} (expected an int >= 1; BFGS writes rank 2)")
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < write_rank:
@@ -246,21 +246,10 @@ class NTMBFGS(_SharingLSTM):
                 "keeps the last memory_size // write_rank writes)"
             )
         self._record_init_args(locals())
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.global_cells = cells
-        self.memory_size = memory_size
-        self.write_rank = write_rank
-        self.over = over
-        self.preprocessing = preprocessing
-        self.p = float(p)
-        self.output_scale = float(output_scale)
+        self.memory_size, self.write_rank = memory_size, write_rank
         self._build_lstm(num_features(preprocessing) + 1, hidden_size, num_layers)  # + the previous read
         self.heads = nn.Linear(hidden_size, 1 + 2 * write_rank)  # read key q, write vectors a and b
-        self.out = nn.Linear(hidden_size + 1, 1)  # [x, read] -> update
-        with torch.no_grad():
-            self.out.weight.mul_(0.1)
-            self.out.bias.zero_()
+        self._quiet_output(hidden_size + 1)  # [x, read] -> update
 
     @property
     def _lstm_size(self) -> int:
