@@ -40,6 +40,7 @@ def test_docstring_defaults() -> None:
     assert defaults == {
         "lr": 1e-3, "hidden": 16, "layers": 2, "momentum_betas": (0.5, 0.9, 0.99), "rms_betas": (0.9, 0.99),
         "log_range": math.log(10.0), "clip": 3.0, "eps": 1e-8, "zero_init": True, "direction_scale": 1.0,
+        "decay_steps": 0.0, "decay_power": 0.5,
     }
     rule = MomentMLP()
     assert rule.num_features == 3 + 1 + 1  # three momenta, the gradient, one ratio of second moments
@@ -61,6 +62,8 @@ def test_docstring_defaults() -> None:
         ({"clip": -1.0}, "Invalid clip"),
         ({"eps": float("inf")}, "Invalid eps"),
         ({"direction_scale": -0.5}, "Invalid direction_scale"),
+        ({"decay_steps": -1.0}, "Invalid decay_steps"),
+        ({"decay_power": float("nan")}, "Invalid decay_power"),
     ],
 )
 def test_invalid_args(kwargs: dict, match: str) -> None:
@@ -83,6 +86,26 @@ def test_zero_init_is_adam_step_for_step_float64() -> None:
             opt.step()
         assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
     assert (a.detach() - target).abs().mean() < target.abs().mean()
+
+
+def test_decay_is_adam_under_an_inverse_square_root_schedule_float64() -> None:
+    """decay_steps: the zero-head rule is Adam whose learning rate follows (1 + (t - 1) / decay_steps)^-power."""
+    tau, power = 4.0, 0.5
+    rule = MomentMLP(lr=0.01, rms_betas=(0.9, 0.999), clip=1e6, decay_steps=tau, decay_power=power).double()
+    target = torch.randn(6, 5, dtype=torch.float64)
+    a = nn.Parameter(torch.zeros(6, 5, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(6, 5, dtype=torch.float64))
+    ours = LearnedOptimizer([a], rule, zero_grads="update")
+    adam = torch.optim.Adam([b], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda k: (1 + k / tau) ** -power)  # k = t - 1
+    for _ in range(25):
+        for p, opt in ((a, ours), (b, adam)):
+            opt.zero_grad()
+            ((p - target) ** 4).sum().backward()
+            opt.step()
+        sched.step()
+        assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
+    assert sched.get_last_lr()[0] < 0.01 * 0.45  # the schedule did shrink the step
 
 
 def test_first_step_and_clip() -> None:

@@ -49,7 +49,7 @@ def _betas(values: Sequence[float], name: str) -> tuple[float, ...]:
 
 
 class MomentMLP(UpdateRule):
-    """``update = -lr * exp(log_range * tanh(s)) * clamp(adam + direction_scale * tanh(d), -clip, clip)``.
+    """``update = -lr * decay(t) * exp(log_range * tanh(s)) * clamp(adam + direction_scale * tanh(d), -clip, clip)``.
 
     Per coordinate the state holds momenta ``m_k`` at ``momentum_betas``, second moments ``v_j``
     at ``rms_betas`` and the coordinate's step count ``t`` (for bias correction; every moment is
@@ -72,6 +72,10 @@ class MomentMLP(UpdateRule):
         zero_init: start the last layer at zero, so the rule starts as clipped Adam.
         direction_scale: how far the learned direction may move from Adam's (``0``: the rule only learns
             a step size per coordinate, along Adam's direction).
+        decay_steps: a fixed schedule on the step size, ``(1 + (t - 1) / decay_steps) ** -decay_power`` at
+            each coordinate's ``t``-th step (``0``: none). It needs no horizon: inverse-square-root decay
+            (``decay_power=0.5``) goes on shrinking the step however long a run is.
+        decay_power: the schedule's exponent.
     """
 
     def __init__(
@@ -86,6 +90,8 @@ class MomentMLP(UpdateRule):
         eps: float = 1e-8,
         zero_init: bool = True,
         direction_scale: float = 1.0,
+        decay_steps: float = 0.0,
+        decay_power: float = 0.5,
     ) -> None:
         super().__init__()
         if not (math.isfinite(lr) and lr > 0):
@@ -100,10 +106,14 @@ class MomentMLP(UpdateRule):
                 raise ValueError(f"Invalid {name}: {value} (expected a finite value > 0)")
         if not (math.isfinite(direction_scale) and direction_scale >= 0):
             raise ValueError(f"Invalid direction_scale: {direction_scale} (expected a finite value >= 0)")
+        for name, value in (("decay_steps", decay_steps), ("decay_power", decay_power)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0; decay_steps=0: no decay)")
         self._record_init_args(locals())
         self._init_args.update(momentum_betas=list(mom), rms_betas=list(rms))
         self.lr, self.log_range, self.clip, self.eps = float(lr), float(log_range), float(clip), float(eps)
         self.direction_scale = float(direction_scale)
+        self.decay_steps, self.decay_power = float(decay_steps), float(decay_power)
         self.momentum_betas, self.rms_betas = mom, rms
         self._adam = mom.index(0.9)
         self.num_features = len(mom) + 1 + (len(rms) - 1)
@@ -163,4 +173,7 @@ class MomentMLP(UpdateRule):
         out = self.head(self.mlp(x.to(w.dtype)))
         direction = (adam.to(w.dtype) + self.direction_scale * torch.tanh(out[:, 0])).clamp(-self.clip, self.clip)
         step = self.lr * torch.exp(self.log_range * torch.tanh(out[:, 1]))
+        if self.decay_steps > 0 and self.decay_power > 0:  # (1 + (t - 1) / decay_steps)^-power, per coordinate
+            t = new_state[:, -1].to(w.dtype)
+            step = step * (1 + (t - 1) / self.decay_steps).pow(-self.decay_power)
         return (-step * direction).to(grad.dtype), new_state
