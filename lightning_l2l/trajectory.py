@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: meta-objectives :func:`unroll` can return: the paper's mean loss, or the mean log loss
-OBJECTIVES = ("mean", "log_mean")
+OBJECTIVES = ("mean", "log_mean", "log_eval")
 #: schedules of the weights ``w_t`` on the optimizee loss at step ``t`` of a trajectory (eq. 2)
 STEP_WEIGHTS = ("uniform", "linear")
 #: floor under the loss in the ``log_mean`` objective (keeps ``log`` finite at a zero loss)
@@ -109,6 +109,7 @@ def unroll(
     horizon: int | None = None,
     lr: float = 1.0,
     zero_grads: str = "update",
+    eval_every: int = 0,
 ) -> UnrollResult:
     """Advance ``traj`` by ``num_steps`` rule steps (in place) and return the losses.
 
@@ -123,7 +124,12 @@ def unroll(
         objective: ``"mean"``: ``meta_loss`` is the mean loss, the paper's ``L(phi)`` with
             ``w_t = 1`` (eq. 2); ``"log_mean"``: the mean of the log loss, which counts halving the
             loss the same wherever it happens, so that the small losses late in a trajectory still
-            drive the meta-gradient (not in the paper).
+            drive the meta-gradient (not in the paper); ``"log_eval"``: the mean of the log of the
+            task's held-out ``eval_loss`` every ``eval_every`` steps of the trajectory and after the
+            last step, so that what the rule is trained for is the loss on examples it never took a
+            step on, late in a run included (overfitting counts against it; not in the paper). Over a
+            meta-batch (:class:`~lightning_l2l.tasks.BatchedTask`) both log objectives average each
+            member's log, so that every task counts alike whatever its loss scale.
         step_weights: the ``w_t`` of eq. 2 on each step's term (:func:`step_weight`); ``"linear"``
             needs ``horizon``, the trajectory's length, since ``t`` counts from its start.
         lr: multiplier of the rule's updates, ``theta_{t+1} = theta_t + lr * g_t`` (what
@@ -131,9 +137,14 @@ def unroll(
         zero_grads: what the rule does with a gradient entry that is exactly zero: ``"update"`` (it
             sees the zero like any gradient; the paper) or ``"skip"`` (no update, state unchanged;
             ``LearnedOptimizer``'s default). See :func:`~lightning_l2l.nets.apply_rule`.
+        eval_every: with ``objective="log_eval"``, the held-out loss enters the objective at every step
+            ``t`` (counted from the trajectory's start) that is a multiple of it, and after the last step
+            (``0``: after the last step only).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Invalid objective: {objective!r} (expected one of {OBJECTIVES})")
+    if eval_every < 0:
+        raise ValueError(f"Invalid eval_every: {eval_every} (expected >= 0 steps; 0: the last step only)")
     if step_weights not in STEP_WEIGHTS:
         raise ValueError(f"Invalid step_weights: {step_weights!r} (expected one of {STEP_WEIGHTS})")
     if step_weights != "uniform" and horizon is None:
@@ -161,7 +172,10 @@ def unroll(
                 with torch.no_grad():
                     recorded = task.eval_loss(params)
             curve.append((loss if recorded is None else recorded).detach() * scale)
-            if i > 0:
+            if objective == "log_eval":
+                if i > 0 and (i == num_steps or (eval_every > 0 and traj.step % eval_every == 0)):
+                    terms.append(_log_eval_term(task, params, differentiable))
+            elif i > 0:
                 term = loss * scale if differentiable else loss.detach() * scale
                 if members is not None:  # a meta-batch: the mean of each member's log loss per problem
                     per = members if differentiable else members.detach()
@@ -195,6 +209,29 @@ def unroll(
     curve_t = torch.stack(curve)
     meta_loss = torch.stack(terms).mean() if terms else curve_t.new_zeros(())
     return UnrollResult(meta_loss, curve_t, bool(torch.isfinite(curve_t).all()))
+
+
+def _log_eval_term(task: Task, params: dict[str, Tensor], differentiable: bool) -> Tensor:
+    """The ``log_eval`` objective's term: the log held-out loss per problem (each member's, averaged)."""
+    with torch.set_grad_enabled(differentiable):
+        if isinstance(task, BatchedTask):
+            per = task.member_eval_losses(params)
+            sizes = None if per is None else per.new_tensor([t.num_problems for t in task.tasks])
+        else:
+            value = task.eval_loss(params)
+            per, sizes = (None, None) if value is None else (value.reshape(1), float(task.num_problems))
+    if per is None:
+        raise ValueError(
+            f"objective='log_eval' needs a task with a held-out eval_loss, and {type(task).__name__} defines "
+            "none; use objective='log_mean', or a task family whose tasks hold out examples (e.g. GeneralFamily)"
+        )
+    term = torch.log((per / sizes).clamp_min(LOG_LOSS_FLOOR)).mean()
+    if differentiable and not term.requires_grad and any(p.requires_grad for p in params.values()):
+        raise ValueError(
+            f"objective='log_eval': {type(task).__name__}.eval_loss returned a loss without a graph; it must be "
+            "differentiable in params (no torch.no_grad() or .detach() inside)"
+        )
+    return term if differentiable else term.detach()
 
 
 def rule_curve(

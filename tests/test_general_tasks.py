@@ -94,3 +94,80 @@ def test_splits_draw_other_tasks_from_the_same_seed() -> None:
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         GeneralFamily(**kwargs)
+
+
+# ------------------------------------------------------------------------------- log_eval objective
+
+def test_log_eval_objective_is_the_mean_log_held_out_loss_at_the_recorded_steps() -> None:
+    """``objective="log_eval"``: the mean of log eval_loss at every ``eval_every``-th step and the last one,
+    the same numbers ``rule_curve`` records there (the trajectory never depends on what is recorded)."""
+    from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+
+    task = _tasks(1, seed=5)[0]
+    rule = MomentMLP(lr=3e-3, zero_init=False)
+    traj = Trajectory.start(rule, task)
+    result = unroll(rule, traj, 7, differentiable=False, objective="log_eval", eval_every=3)
+    curve = rule_curve(rule, task, 7)
+    expected = torch.log(curve[[3, 6, 7]]).mean()
+    torch.testing.assert_close(result.meta_loss, expected, rtol=1e-5, atol=1e-6)
+    traj = Trajectory.start(rule, task)  # eval_every=0: the last step only
+    last = unroll(rule, traj, 7, differentiable=False, objective="log_eval").meta_loss
+    torch.testing.assert_close(last, torch.log(curve[7]), rtol=1e-5, atol=1e-6)
+
+
+def test_log_eval_objective_reaches_the_rule_and_weighs_members_alike() -> None:
+    from lightning_l2l.tasks import BatchedTask
+    from lightning_l2l.trajectory import Trajectory, unroll
+
+    tasks = _tasks(2, seed=6)
+    rule = MomentMLP(lr=3e-3, zero_init=False)
+    alone = [unroll(rule, Trajectory.start(rule, t), 4, differentiable=False, objective="log_eval",
+                    eval_every=2).meta_loss for t in tasks]
+    traj = Trajectory.start(rule, BatchedTask(tasks))
+    batched = unroll(rule, traj, 4, objective="log_eval", eval_every=2)
+    torch.testing.assert_close(batched.meta_loss.detach(), torch.stack(alone).mean(), rtol=1e-5, atol=1e-6)
+    batched.meta_loss.backward()
+    grads = [p.grad for p in rule.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_log_eval_objective_needs_a_held_out_loss() -> None:
+    from lightning_l2l.nets import CoordinatewiseLSTM
+    from lightning_l2l.tasks import QuadraticFamily
+    from lightning_l2l.trajectory import Trajectory, unroll
+
+    task = QuadraticFamily(dim=3).sample(torch.Generator().manual_seed(0))
+    rule = CoordinatewiseLSTM(hidden_size=4)
+    with pytest.raises(ValueError, match="log_eval.*held-out eval_loss.*log_mean"):
+        unroll(rule, Trajectory.start(rule, task), 2, objective="log_eval")
+    with pytest.raises(ValueError, match="eval_every"):
+        unroll(rule, Trajectory.start(rule, task), 2, objective="log_eval", eval_every=-1)
+
+
+def test_meta_learner_trains_on_the_held_out_loss(tmp_path) -> None:
+    """MetaLearner(meta_objective="log_eval") meta-trains on GeneralFamily's held-out losses through a real
+    Trainer; a family whose tasks hold nothing out is refused before the first unroll."""
+    import lightning as L
+
+    from lightning_l2l.meta import MetaLearner
+    from lightning_l2l.tasks import QuadraticFamily
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         num_sanity_val_steps=0, max_steps=3, limit_val_batches=0)
+
+    torch.manual_seed(0)
+    rule = MomentMLP(lr=3e-3, hidden=8)
+    learner = MetaLearner(rule, _family(), horizon=6, unroll=6, meta_lr=1e-2, truncations_per_epoch=3,
+                          num_val_tasks=1, num_test_tasks=1, meta_objective="log_eval", eval_every=3,
+                          tasks_per_step=2, zero_grads="skip")
+    fit = trainer()
+    fit.fit(learner)
+    assert fit.global_step == 3 and learner.nonfinite_count == 0
+    assert torch.count_nonzero(rule.head.weight) > 0  # the zero head got a gradient through the held-out loss
+    with pytest.raises(ValueError, match="log_eval.*QuadraticFamily.*log_mean"):
+        trainer().fit(MetaLearner(MomentMLP(), QuadraticFamily(dim=3), horizon=4, unroll=4, meta_objective="log_eval"))
+    with pytest.raises(ValueError, match="Invalid eval_every"):
+        MetaLearner(MomentMLP(), QuadraticFamily(dim=3), horizon=4, unroll=4, eval_every=-2)

@@ -64,8 +64,9 @@ class MetaLearner(L.LightningModule):
         baselines: names from :data:`~lightning_l2l.evaluation.BASELINES` the test compares against.
         lr_grid: learning rates the baselines are tuned over.
         report_dir: where test writes its report (default: the logger's directory).
-        meta_objective: ``"mean"`` (the paper's ``L(phi)``) or ``"log_mean"`` (mean log loss;
-            :func:`~lightning_l2l.trajectory.unroll`).
+        meta_objective: ``"mean"`` (the paper's ``L(phi)``), ``"log_mean"`` (mean log loss) or
+            ``"log_eval"`` (mean log held-out loss, every ``eval_every`` steps and at the end of each
+            truncation; :func:`~lightning_l2l.trajectory.unroll`).
         step_weights: ``w_t``: ``"uniform"`` (paper) or ``"linear"``
             (:func:`~lightning_l2l.trajectory.step_weight`).
         init_weights: start from these weights (a shipped name, ``.safetensors`` or ``.ckpt``)
@@ -76,6 +77,8 @@ class MetaLearner(L.LightningModule):
         zero_grads: ``"update"`` (paper: an exactly-zero gradient goes through the rule) or
             ``"skip"`` (no update, state kept: what :class:`~lightning_l2l.LearnedOptimizer` does by
             default); see :func:`~lightning_l2l.nets.apply_rule`.
+        eval_every: with ``meta_objective="log_eval"``, the held-out loss enters the objective every
+            this many optimizee steps (``0``: at the end of each truncation only).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class MetaLearner(L.LightningModule):
         init_weights: str | None = None,
         tasks_per_step: int = 1,
         zero_grads: str = "update",
+        eval_every: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(rule, UpdateRule):
@@ -129,6 +133,8 @@ class MetaLearner(L.LightningModule):
             raise ValueError(f"Invalid step_weights: {step_weights!r} (expected one of {STEP_WEIGHTS})")
         if zero_grads not in ZERO_GRADS:
             raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
+        if eval_every < 0:
+            raise ValueError(f"Invalid eval_every: {eval_every} (expected >= 0 steps; 0: the end of each truncation only)")
         if grad_clip < 0:
             raise ValueError(f"Invalid grad_clip: {grad_clip} (expected >= 0; 0 disables clipping)")
         for name, n in (("truncations_per_epoch", truncations_per_epoch), ("num_val_tasks", num_val_tasks),
@@ -205,6 +211,16 @@ class MetaLearner(L.LightningModule):
         test_gen = torch.Generator().manual_seed(seed + _TEST_SEED_OFFSET)
         self.val_tasks = [self.eval_family.sample(val_gen) for _ in range(self.hparams.num_val_tasks)]
         self.test_tasks = [self.test_family.sample(test_gen) for _ in range(self.hparams.num_test_tasks)]
+        if self.hparams.meta_objective == "log_eval":  # fail now, not after the first unroll
+            probe = self.task_family.sample(torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                missing = probe.eval_loss(probe.init_params()) is None
+            if missing:
+                raise ValueError(
+                    f"meta_objective='log_eval' needs tasks with a held-out eval_loss, and {type(self.task_family).__name__}'s "
+                    "tasks define none; use meta_objective='log_mean', or a family whose tasks hold out examples "
+                    "(e.g. lightning_l2l.tasks.GeneralFamily)"
+                )
         destroy_process_group_at_exit()  # gloo ranks would otherwise abort at exit (lightning_l2l._distributed)
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
@@ -269,7 +285,7 @@ class MetaLearner(L.LightningModule):
         result = unroll(
             self.rule, self._traj, steps, differentiable=True, second_derivatives=self.hparams.second_derivatives,
             objective=self.hparams.meta_objective, step_weights=self.hparams.step_weights,
-            horizon=self.hparams.horizon, zero_grads=self.hparams.zero_grads,
+            horizon=self.hparams.horizon, zero_grads=self.hparams.zero_grads, eval_every=self.hparams.eval_every,
         )
         opt = self.optimizers()
         finite = bool(result.finite and torch.isfinite(result.meta_loss))

@@ -38,7 +38,9 @@ class Task(ABC):
         dataset here (the "full-data loss"): evaluation curves (:func:`~lightning_l2l.trajectory.rule_curve`,
         the tuned baselines, ``MetaLearner`` validation and test) then record it instead of the
         step's minibatch loss, while the gradients and the meta-training loss keep using
-        :meth:`loss`. It is called without a graph and should return a detached scalar.
+        :meth:`loss`. Curves call it under ``torch.no_grad()``; the ``log_eval`` meta-objective
+        (:func:`~lightning_l2l.trajectory.unroll`) calls it with a graph, and needs it to be
+        differentiable in ``params`` there (so do not detach or disable grad inside).
         """
         return None
 

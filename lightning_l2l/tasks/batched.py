@@ -61,13 +61,19 @@ class BatchedTask(Task):
 
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor | None:
         """The members' summed ``eval_loss``; ``None`` unless every member defines one."""
+        members = self.member_eval_losses(params)
+        return None if members is None else members.sum()
+
+    def member_eval_losses(self, params: dict[str, Tensor]) -> Tensor | None:
+        """``(len(tasks),)``: each member's ``eval_loss`` (the ``log_eval`` objective averages their logs);
+        ``None`` unless every member defines one."""
         losses = []
         for i, t in enumerate(self.tasks):
             value = t.eval_loss(self._member_params(params, i))
             if value is None:
                 return None
             losses.append(value)
-        return torch.stack(losses).sum()
+        return torch.stack(losses)
 
     def to(self, device: torch.device | str) -> BatchedTask:
         self.tasks = [t.to(device) for t in self.tasks]

@@ -99,9 +99,7 @@ class ConvTask(ModuleTask):
         return x.float() / 255.0, y
 
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            x = self.eval_inputs.float() / 255.0
-            return self.loss_fn(self.forward(params, x), self.eval_targets)
+        return self.loss_fn(self.forward(params, self.eval_inputs.float() / 255.0), self.eval_targets)
 
     def accuracy(self, params: dict[str, Tensor]) -> float:
         """Fraction of the evaluation images classified correctly."""

@@ -161,8 +161,7 @@ class MNISTTask(ModuleTask):
     """
 
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            return self.loss_fn(self.forward(params, self.inputs), self.targets)
+        return self.loss_fn(self.forward(params, self.inputs), self.targets)
 
     def accuracy(self, params: dict[str, Tensor]) -> float:
         """Fraction of the pool classified correctly."""

@@ -83,11 +83,10 @@ class ModuleTask(Task):
         return self.loss_fn(self.forward(params, x), y)
 
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor | None:
-        """The loss on ``eval_data`` (``None`` without it)."""
+        """The loss on ``eval_data`` (``None`` without it); differentiable when called with a graph."""
         if self.eval_inputs is None:
             return None
-        with torch.no_grad():
-            return self.loss_fn(self.forward(params, self.eval_inputs), self.eval_targets).detach()
+        return self.loss_fn(self.forward(params, self.eval_inputs), self.eval_targets)
 
     def to(self, device: torch.device | str) -> ModuleTask:
         self.module = self.module.to(device)
