@@ -308,30 +308,95 @@ def summary(results: dict, args: argparse.Namespace) -> str:
 
 
 # ------------------------------------------------------------------------------------ selection
-def select(args: argparse.Namespace) -> None:
-    """Each checkpoint on GeneralFamily('val') tasks: mean log(rule / Adam(1e-3)) at --select-steps."""
-    from lightning_l2l.evaluation import baseline_final_loss
+def _val_rule_losses(rule, task, at: Sequence[int], lr: float) -> list[float]:
+    """Held-out loss of a frozen rule on a validation task after each number of steps in ``at``."""
+    from lightning_l2l.trajectory import Trajectory, unroll
+
+    out, done = [], 0
+    with torch.inference_mode(False):
+        traj = Trajectory.start(rule, task)
+        for n in at:
+            unroll(rule, traj, n - done, differentiable=False, lr=lr, zero_grads="skip")
+            done = n
+            with torch.no_grad():
+                out.append(float(task.eval_loss(traj.params)) / task.num_problems)
+    return out
+
+
+def _val_baseline_losses(name: str, lr: float, task, at: Sequence[int]) -> list[float]:
+    """The same for a torch baseline (what ``evaluation.baseline_final_loss`` runs, recorded at ``at``)."""
+    out = []
+    with torch.inference_mode(False), torch.enable_grad():
+        params = {n: p.requires_grad_() for n, p in task.init_params().items()}
+        opt = BASELINES[name](list(params.values()), lr)
+        for step in range(max(at) + 1):
+            if step in at:
+                with torch.no_grad():
+                    out.append(float(task.eval_loss(params)) / task.num_problems)
+            if step == max(at):
+                break
+            opt.zero_grad(set_to_none=True)
+            task.loss(params, step).backward()
+            opt.step()
+    return out
+
+
+def _candidates(args: argparse.Namespace) -> list[tuple[str, Callable[[], object]]]:
+    """``(label, make_rule)`` for every ``--select`` entry x ``--select-decay``: checkpoints / weights, or
+    ``init:LR`` (a fresh ``MomentMLP`` at ``lr=LR`` with its head at zero: clipped Adam, the rule's start)."""
+    from lightning_l2l.nets import MomentMLP
     from lightning_l2l.pretrained import resolve
+
+    specs: list[tuple[str, Callable[[], object]]] = []
+    for entry in args.select:
+        if entry.startswith("init:"):
+            lr = float(entry.split(":", 1)[1])
+            specs.append((entry, functools.partial(MomentMLP, lr=lr)))
+            continue
+        paths = sorted(glob.glob(entry)) or [entry]
+        specs += [(p, functools.partial(lambda p: resolve(p)[0], p)) for p in paths]
+    out = []
+    for label, make in specs:
+        for tau in args.select_decay:
+            def build(make=make, tau=tau):
+                rule = make()
+                if tau:
+                    if not isinstance(rule, MomentMLP):
+                        raise SystemExit(f"--select-decay applies to MomentMLP rules only, not {type(rule).__name__}")
+                    rule.decay_steps, rule.decay_power = float(tau), args.select_decay_power
+                return rule
+            out.append((label if not tau else f"{label} decay {tau:g}^{args.select_decay_power:g}", build))
+    return out
+
+
+def select(args: argparse.Namespace) -> None:
+    """Candidates on GeneralFamily('val') tasks: log(rule / Adam(1e-3)) at each recorded step <= --select-steps."""
     from lightning_l2l.tasks import GeneralFamily
-    from lightning_l2l.trajectory import rule_final_loss
 
     family = GeneralFamily("val", data_dir=args.data_dir)
     g = torch.Generator().manual_seed(77)
     tasks = [family.sample(g) for _ in range(args.select_tasks)]
-    adam = [float(baseline_final_loss("adam", 1e-3, t, args.select_steps)) for t in tasks]
-    def show(label: str, finals: list[float]) -> None:
-        logs = [math.log(f / a) if math.isfinite(f) else math.inf for f, a in zip(finals, adam, strict=True)]
-        m, se = mean_sem(logs)  # (inf, nan) where a run diverged
-        print(f"{label}: mean log(x / Adam 1e-3) {m:+.4f} ± {se:.4f}  median {statistics.median(logs):+.3f}  "
-              f"worst {max(logs):+.3f}  better than Adam 1e-3 on {sum(v < 0 for v in logs)}/{len(logs)}", flush=True)
+    at = [s for s in RECORD if s < args.select_steps] + [args.select_steps]
+    adam = [_val_baseline_losses("adam", 1e-3, t, at) for t in tasks]
 
+    def show(label: str, losses: list[list[float]]) -> None:
+        cells = []
+        for i, step in enumerate(at):
+            logs = [math.log(x[i] / a[i]) if math.isfinite(x[i]) else math.inf for x, a in zip(losses, adam, strict=True)]
+            m, se = mean_sem(logs)  # (inf, nan) where a run diverged
+            cells.append(f"@{step}: mean {m:+.3f} ± {se:.3f} median {statistics.median(logs):+.3f} "
+                         f"worst {max(logs):+.3f} wins {sum(v < 0 for v in logs)}/{len(logs)}")
+        rises = sum(x[-1] > x[-2] * 1.01 for x in losses) if len(at) > 1 else 0
+        print(f"{label}: " + " | ".join(cells) + f" | loss up >1% from {at[-2] if len(at) > 1 else '-'} "
+              f"to {at[-1]} on {rises}/{len(losses)}", flush=True)
+
+    show("Adam 1e-3", adam)
     for lr in (3e-3, 1e-2):  # references: what a retuned Adam would give on the same tasks
-        show(f"Adam {lr:g}", [float(baseline_final_loss("adam", lr, t, args.select_steps)) for t in tasks])
-    for path in sorted({p for pattern in args.select for p in glob.glob(pattern)}):
-        rule, _ = resolve(path)
+        show(f"Adam {lr:g}", [_val_baseline_losses("adam", lr, t, at) for t in tasks])
+    for label, build in _candidates(args):
         for m in args.select_lrs:
-            finals = [float(rule_final_loss(rule, t, args.select_steps, lr=m, zero_grads="skip")) for t in tasks]
-            show(path if m == 1.0 else f"{path} x{m:g}", finals)
+            losses = [_val_rule_losses(build(), t, at, m) for t in tasks]
+            show(label if m == 1.0 else f"{label} x{m:g}", losses)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -351,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--select-steps", type=int, default=1000)
     parser.add_argument("--select-lrs", type=float, nargs="+", default=[1.0],
                         help="update multipliers to try each checkpoint at (LearnedOptimizer(lr=...))")
+    parser.add_argument("--select-decay", type=float, nargs="+", default=[0.0],
+                        help="MomentMLP decay_steps to try each candidate at (0: as saved)")
+    parser.add_argument("--select-decay-power", type=float, default=0.5)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files for --select (default: installed)")
     args = parser.parse_args(argv)
     args.argv = argv

@@ -63,12 +63,28 @@ def test_report_shrunk_writes_tables_and_caches_baselines(bench, tmp_path, capsy
 
 def test_select_ranks_checkpoints_against_adam(bench, tmp_path, capsys):
     save_rule(MomentMLP(), tmp_path / "start")
-    bench.main(["--select", str(tmp_path / "start.safetensors"), "--select-tasks", "2", "--select-steps", "5",
-                "--select-lrs", "1", "0.5", "--data-dir", str(FASHION_SAMPLE_DIR)])
+    saved = str(tmp_path / "start.safetensors")
+    bench.main(["--select", saved, "init:1e-3", "--select-tasks", "2", "--select-steps", "5",
+                "--select-lrs", "1", "0.5", "--select-decay", "0", "2", "--data-dir", str(FASHION_SAMPLE_DIR)])
     out = capsys.readouterr().out
-    assert "Adam 0.003: mean log(x / Adam 1e-3)" in out
-    assert f"{tmp_path / 'start.safetensors'}: mean log(x / Adam 1e-3)" in out
-    assert f"{tmp_path / 'start.safetensors'} x0.5: mean log(x / Adam 1e-3)" in out
-    # MomentMLP() is Adam at 1e-3 with a clipped step; at x0.5 it is that Adam at 5e-4: other losses
-    lines = {line.split(": mean")[0]: line for line in out.splitlines() if ": mean" in line}
-    assert lines[str(tmp_path / "start.safetensors")].split("median")[0] != lines[f"{tmp_path / 'start.safetensors'} x0.5"].split("median")[0]
+    lines = {line.split(": @")[0]: line for line in out.splitlines() if ": @5: mean" in line}
+    expected = {"Adam 1e-3", "Adam 0.003", "Adam 0.01"} | {
+        f"{label}{decay}{mult}" for label in (saved, "init:1e-3") for decay in ("", " decay 2^0.5") for mult in ("", " x0.5")
+    }
+    assert set(lines) == expected
+    # MomentMLP() is Adam at 1e-3 with a clipped step (not reached in 5 steps): level with Adam(1e-3)
+    for label in (saved, "init:1e-3"):
+        assert "@5: mean +0.000 ± 0.000" in lines[label] or "@5: mean -0.000 ± 0.000" in lines[label]
+        # at x0.5 it is that Adam at 5e-4, and with decay its steps shrink: other losses
+        assert lines[f"{label} x0.5"].split("median")[0] != lines[label].split("median")[0]
+        assert lines[f"{label} decay 2^0.5"].split("median")[0] != lines[label].split("median")[0]
+    assert "loss up >1% from - to 5" in lines["Adam 1e-3"]
+
+
+def test_select_decay_needs_a_moment_rule(bench, tmp_path):
+    from lightning_l2l.nets import CoordinatewiseLSTM
+
+    save_rule(CoordinatewiseLSTM(hidden_size=4), tmp_path / "lstm")
+    with pytest.raises(SystemExit, match="MomentMLP"):
+        bench.main(["--select", str(tmp_path / "lstm.safetensors"), "--select-tasks", "1", "--select-steps", "2",
+                    "--select-decay", "10", "--data-dir", str(FASHION_SAMPLE_DIR)])
