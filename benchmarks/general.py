@@ -377,7 +377,13 @@ def select(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(77)
     tasks = [family.sample(g) for _ in range(args.select_tasks)]
     at = [s for s in RECORD if s < args.select_steps] + [args.select_steps]
-    adam = [_val_baseline_losses("adam", 1e-3, t, at) for t in tasks]
+
+    def reference(lr: float) -> list[list[float]]:  # Adam on the validation tasks, cached: every call needs it
+        source = "installed" if args.data_dir is None else Path(args.data_dir).name
+        return [json_cached(args.select_cache, f"general-val-{source}-77-{i}-adam-{lr!r}-{at}",
+                            functools.partial(_val_baseline_losses, "adam", lr, t, at)) for i, t in enumerate(tasks)]
+
+    adam = reference(1e-3)
 
     def show(label: str, losses: list[list[float]]) -> None:
         cells = []
@@ -392,7 +398,7 @@ def select(args: argparse.Namespace) -> None:
 
     show("Adam 1e-3", adam)
     for lr in (3e-3, 1e-2):  # references: what a retuned Adam would give on the same tasks
-        show(f"Adam {lr:g}", [_val_baseline_losses("adam", lr, t, at) for t in tasks])
+        show(f"Adam {lr:g}", reference(lr))
     for label, build in _candidates(args):
         for m in args.select_lrs:
             losses = [_val_rule_losses(build(), t, at, m) for t in tasks]
@@ -418,10 +424,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="update multipliers to try each checkpoint at (LearnedOptimizer(lr=...))")
     parser.add_argument("--select-decay", type=float, nargs="+", default=[0.0],
                         help="MomentMLP decay_steps to try each candidate at (0: as saved)")
+    parser.add_argument("--select-cache", default="runs/general_select_cache",
+                        help="where --select keeps Adam's losses on the validation tasks ('' : nowhere)")
     parser.add_argument("--select-decay-power", type=float, default=0.5)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files for --select (default: installed)")
     args = parser.parse_args(argv)
     args.argv = argv
+    args.select_cache = args.select_cache or None
     torch.set_num_threads(1)
     if args.select:
         select(args)

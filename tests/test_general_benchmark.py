@@ -65,8 +65,10 @@ def test_select_ranks_checkpoints_against_adam(bench, tmp_path, capsys):
     save_rule(MomentMLP(), tmp_path / "start")
     saved = str(tmp_path / "start.safetensors")
     bench.main(["--select", saved, "init:1e-3", "--select-tasks", "2", "--select-steps", "5",
-                "--select-lrs", "1", "0.5", "--select-decay", "0", "2", "--data-dir", str(FASHION_SAMPLE_DIR)])
+                "--select-lrs", "1", "0.5", "--select-decay", "0", "2", "--data-dir", str(FASHION_SAMPLE_DIR),
+                "--select-cache", str(tmp_path / "cache")])
     out = capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("general-val-*-adam-*.json"))) == 2 * 3  # 2 tasks x 3 Adams
     lines = {line.split(": @")[0]: line for line in out.splitlines() if ": @5: mean" in line}
     expected = {"Adam 1e-3", "Adam 0.003", "Adam 0.01"} | {
         f"{label}{decay}{mult}" for label in (saved, "init:1e-3") for decay in ("", " decay 2^0.5") for mult in ("", " x0.5")
@@ -87,4 +89,4 @@ def test_select_decay_needs_a_moment_rule(bench, tmp_path):
     save_rule(CoordinatewiseLSTM(hidden_size=4), tmp_path / "lstm")
     with pytest.raises(SystemExit, match="MomentMLP"):
         bench.main(["--select", str(tmp_path / "lstm.safetensors"), "--select-tasks", "1", "--select-steps", "2",
-                    "--select-decay", "10", "--data-dir", str(FASHION_SAMPLE_DIR)])
+                    "--select-decay", "10", "--data-dir", str(FASHION_SAMPLE_DIR), "--select-cache", ""])
