@@ -379,12 +379,12 @@ def _inductor_works() -> bool:
         return False
 
 
-def _conv_run(compile: bool, steps: int = 4) -> tuple[torch.Tensor, LearnedOptimizer]:
+def _conv_run(compile: bool, steps: int = 4, fused: bool | None = None) -> tuple[torch.Tensor, LearnedOptimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(12, 5))
     x = torch.randn(4, 1, 4, 4)
     # chunk_size 16: full and shorter chunks, two kinds through the shipped conv PerKindRule
-    opt = LearnedOptimizer.from_module(model, "conv", chunk_size=16, compile=compile)
+    opt = LearnedOptimizer.from_module(model, "conv", chunk_size=16, compile=compile, fused=fused)
     for _ in range(steps):
         opt.zero_grad()
         model(x).pow(2).mean().backward()
@@ -401,7 +401,7 @@ def test_compiled_network_matches_eager_updates():
 
     if not _inductor_works():
         pytest.skip("torch.compile cannot build kernels on this machine (on CPU: needs g++/clang++ and Python.h)")
-    eager, _ = _conv_run(compile=False)
+    eager, _ = _conv_run(compile=False, fused=False)
     counters.clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -429,7 +429,7 @@ def test_compile_failure_warns_once_and_continues_eagerly(monkeypatch, fails_at)
             raise RuntimeError("no working C++ compiler found\nmore details")
         return run
 
-    eager, _ = _conv_run(compile=False)
+    eager, _ = _conv_run(compile=False, fused=False)  # compile=True falls back to the network's forward
     monkeypatch.setattr(torch, "compile", broken_compile)
     message = {"compile": "torch.compile is not supported on this Python", "call": r"no working C\+\+ compiler found"}[fails_at]
     with pytest.warns(RuntimeWarning, match=rf"torch.compile failed on cpu \(RuntimeError: {message}\)") as seen:

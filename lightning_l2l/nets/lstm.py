@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lightning_l2l.nets._fused import fused_lstm_step, fused_lstm_supports
 from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
 from lightning_l2l.nets.preprocess import PREPROCESSINGS, num_features, preprocess
 
@@ -140,3 +141,12 @@ class CoordinatewiseLSTM(UpdateRule):
             x = h
         update = self.out(x).squeeze(-1) * self.output_scale  # (n,)
         return update.to(grad.dtype), torch.stack(new_h, dim=1)  # (n,), (n, layers, 2, hidden)
+
+    def step_(
+        self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND, keep: Tensor | None = None, *, fused: bool = True
+    ) -> Tensor:
+        """The frozen step in place; on CPU in float32 one fused kernel (:mod:`lightning_l2l.nets._fused`)
+        where it builds, else :meth:`forward` (the same updates to float32 rounding)."""
+        if fused and grad.dim() == 1 and state.shape[0] == grad.shape[0] and fused_lstm_supports(self, grad, state):
+            return fused_lstm_step(self, grad, state, keep)
+        return super().step_(grad, state, kind, keep, fused=fused)
