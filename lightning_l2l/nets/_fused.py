@@ -168,19 +168,21 @@ def _weights(rule: CoordinatewiseLSTM) -> tuple[Tensor, ...]:
             return hit[1]
     hidden = rule.hidden_size
     width = -(-4 * hidden // _PAD) * _PAD
+    # a gate's activation is a * sigmoid(s z) + c: sigmoid for i, f, o (s = a = 1, c = 0), and for the cell
+    # input g tanh(z) = 2 sigmoid(2 z) - 1; the kernel takes -s z, so the weights and biases are packed times
+    # -s (exact: a power of two)
+    s = torch.ones(width)
+    s[3 * hidden : 4 * hidden] = 2.0
+    a, c = s.clone(), torch.zeros(width)
+    c[3 * hidden : 4 * hidden] = -1.0
     with torch.no_grad():
         ws, bs = [], []
         for cell in rule.cells:
             w = torch.cat([cell.weight_ifo, cell.weight_g]).t()  # (inputs + hidden, 4 hidden): i, f, o, g
-            ws.append(torch.nn.functional.pad(w.float(), (0, width - 4 * hidden)).reshape(-1))
+            ws.append(torch.nn.functional.pad(w.float(), (0, width - 4 * hidden)).mul(-s).reshape(-1))
             b = torch.cat([cell.bias_ifo, cell.bias_g])  # (4 hidden,)
-            bs.append(torch.nn.functional.pad(b.float(), (0, width - 4 * hidden)))
-        # a gate's activation is a * sigmoid(s z) + c: sigmoid for i, f, o; tanh(z) = 2 sigmoid(2 z) - 1 for g
-        s, a, c = torch.ones(width), torch.ones(width), torch.zeros(width)
-        s[3 * hidden : 4 * hidden] = 2.0
-        a[3 * hidden : 4 * hidden] = 2.0
-        c[3 * hidden : 4 * hidden] = -1.0
-        packed = (torch.cat(ws).contiguous(), torch.cat(bs).contiguous(), torch.cat([s, a, c]).contiguous(),
+            bs.append(torch.nn.functional.pad(b.float(), (0, width - 4 * hidden)).mul(-s))
+        packed = (torch.cat(ws).contiguous(), torch.cat(bs).contiguous(), torch.cat([a, c]).contiguous(),
                   rule.out.weight.detach().float().reshape(-1).contiguous(),
                   rule.out.bias.detach().float().reshape(()).clone())
     with _lock:
