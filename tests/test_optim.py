@@ -491,7 +491,7 @@ def test_step_time_benchmark_rows_and_an_uncompiled_row_said_so(monkeypatch, cap
 
     bench = load_benchmark("step_time")
     cfg = dict(size=500, device="cpu", threads=1, steps=2, warmup=1, weights="quadratic", chunk_size=None)
-    rows = [bench.worker({**cfg, "optimizer": name}) for name in ("adam", "learned")]
+    rows = [bench.worker({**cfg, "optimizer": name}) for name in ("adam", "learned", "eager")]
 
     def broken_compile(module, **kwargs):
         def run(*args):
@@ -504,8 +504,11 @@ def test_step_time_benchmark_rows_and_an_uncompiled_row_said_so(monkeypatch, cap
         r.update(bandwidth=1e10, matmul=1e10, floor_mem_s=1e-6, floor_flops_s=1e-6, floor_s=1e-6)
         assert r["params"] == sum(p.numel() for p in bench.mlp(500).parameters()) and r["step_s"] > 0
         assert r["first_step_s"] > 0 and r["peak_bytes"] >= 0
-    assert [r["compile_fell_back"] for r in rows] == [False, False, True]
+    assert [r["compile_fell_back"] for r in rows] == [False, False, False, True]
     lines = bench.table(rows).splitlines()
     assert "| Adam |" in lines[2] and "| LearnedOptimizer |" in lines[3]
-    assert "| LearnedOptimizer (compile=True) (compilation failed: eager) |" in lines[4]
+    assert "| LearnedOptimizer (fused=False) |" in lines[4]
+    assert "| LearnedOptimizer (compile=True) (compilation failed: eager) |" in lines[5]
+    ratio = rows[1]["step_s"] / rows[0]["step_s"]
+    assert lines[2].endswith("|  |") and lines[3].endswith(f"| {ratio:.0f} |")  # x Adam
     json.dumps(rows)  # --json writes them
