@@ -189,3 +189,85 @@ def test_step_in_place_of_wrappers_matches_their_forward():
         torch.testing.assert_close(u, torch.where(keep, u_ref, torch.zeros_like(u_ref)))
         mask = keep.view(-1, *([1] * (state.dim() - 1)))
         torch.testing.assert_close(s, torch.where(mask, s_ref, state))
+
+
+# ----------------------------------------------------------------------------------- differentiable
+
+
+def _two_steps(rule: CoordinatewiseLSTM, g: torch.Tensor, state0: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs and gradients (state, every weight) of two differentiable steps under a random loss."""
+    gen = torch.Generator().manual_seed(1)
+    gu = torch.randn(g.shape, generator=gen)
+    gs = torch.randn(state0.shape, generator=gen)
+    state = state0.clone().requires_grad_()
+    u, s1 = rule(g, state)
+    u2, s2 = rule(g * 0.5, s1)
+    ((u * gu).sum() + (u2 * gu).sum() + (s2 * gs).sum()).backward()
+    out = [u.detach(), s2.detach(), state.grad] + [p.grad for p in rule.parameters()]
+    rule.zero_grad(set_to_none=True)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize(("hidden", "layers", "preprocessing"), SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_differentiable_fused_matches_eager_gradients(monkeypatch, hidden, layers, preprocessing, threads):
+    """With gradients on (meta-training), CPU float32: the fused autograd node gives the eager network's
+    outputs and the same gradients of the state and of every weight, to float32 rounding."""
+    monkeypatch.setattr(_fused, "_MIN_PER_THREAD", 100)
+    rule = CoordinatewiseLSTM(hidden_size=hidden, num_layers=layers, preprocessing=preprocessing)
+    with torch.no_grad():
+        rule.out.weight.normal_()
+    n = 1500
+    g = _grads(n)
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    state0 = 0.5 * torch.randn(n, layers, 2, hidden)
+    assert _fused.fused_lstm_trains(rule, g, state0.requires_grad_())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = _two_steps(rule, g, state0.detach())
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setattr(_fused, "_library", lambda *shape: (None, "off"))
+    eager = _two_steps(rule, g, state0.detach())
+    for got, want in zip(fused, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_differentiable_fused_is_not_used_where_it_does_not_apply():
+    """Second derivatives (a gradient that carries a graph), autocast, float64 and frozen weights with a
+    frozen state go to the eager network."""
+    rule = CoordinatewiseLSTM(hidden_size=4)
+    g, state = torch.randn(10), torch.zeros(10, 2, 2, 4)
+    assert not _fused.fused_lstm_trains(rule, g.requires_grad_(), state)
+    g = g.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fused.fused_lstm_trains(rule, g, state)
+    assert not _fused.fused_lstm_trains(rule.double(), g.double(), state.double())
+    frozen = CoordinatewiseLSTM(hidden_size=4).requires_grad_(False)
+    assert not _fused.fused_lstm_trains(frozen, g, state)
+
+
+@needs_kernel
+def test_meta_gradient_of_an_unroll_matches_eager(monkeypatch):
+    """trajectory.unroll, 5 differentiable steps on quadratics: the same meta-loss and meta-gradient as the
+    eager network, to float32 rounding (what MetaLearner.training_step backpropagates)."""
+    from lightning_l2l.tasks import QuadraticFamily
+    from lightning_l2l.trajectory import Trajectory, unroll
+
+    family = QuadraticFamily(dim=10, num_functions=64)
+
+    def meta_grad() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        rule = CoordinatewiseLSTM()
+        traj = Trajectory.start(rule, family.sample(torch.Generator().manual_seed(0)))
+        result = unroll(rule, traj, 5)
+        result.meta_loss.backward()
+        return [result.meta_loss.detach()] + [p.grad for p in rule.parameters()]
+
+    fused = meta_grad()
+    monkeypatch.setattr(_fused, "_library", lambda *shape: (None, "off"))
+    eager = meta_grad()
+    for got, want in zip(fused, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())

@@ -7,7 +7,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.nets._fused import fused_lstm_step, fused_lstm_supports
+from lightning_l2l.nets._fused import (
+    fused_lstm_forward,
+    fused_lstm_step,
+    fused_lstm_supports,
+    fused_lstm_trains,
+)
 from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
 from lightning_l2l.nets.preprocess import PREPROCESSINGS, num_features, preprocess
 
@@ -131,6 +136,8 @@ class CoordinatewiseLSTM(UpdateRule):
             raise ValueError(f"expected a flat (n,) gradient, got shape {tuple(grad.shape)}")
         if state.shape[0] != grad.shape[0]:
             raise ValueError(f"state holds {state.shape[0]} coordinates but the gradient has {grad.shape[0]}")
+        if fused_lstm_trains(self, grad, state):  # CPU, float32, differentiable: one autograd node (nets/_fused.py)
+            return fused_lstm_forward(self, grad, state)
         weight_dtype = self.out.weight.dtype
         x = preprocess(grad, self.preprocessing, self.p).to(weight_dtype)  # (n, features)
         state = state.to(weight_dtype)

@@ -26,9 +26,11 @@
 #else
 #define VW 4
 #endif
-#define NV ((4 * H + VW - 1) / VW)  /* vectors of gate pre-activations */
-#define NH ((H + VW - 1) / VW)      /* vectors of one gate */
+#define NV ((4 * H + 15) / 16 * 16 / VW) /* vectors of gate pre-activations: 4 H floats padded to a multiple
+                                          * of 16 (the packed weights' row, whatever the vector width) */
 #define KMAX (H + (NIN > H ? NIN : H))
+#define KPAD ((KMAX + 15) / 16 * 16) /* a row of a layer's weights for the backward (a multiple of 16) */
+#define SAVE (NIN + L * 5 * H)             /* floats the forward saves per coordinate for the backward */
 #ifndef BLK
 #define BLK 2 /* coordinates per block: 2 beat 1, 3 and 4 (256, 213, 225, 224 ms per 1M coordinates on an AVX-512 AMD EPYC core) */
 #endif
@@ -94,13 +96,14 @@ static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* B coordinates at once (their gates side by side: each weight vector loaded once for all B, and
  * their cells share the vectors of tanh(c)); idx: their indices. */
 static inline __attribute__((always_inline)) void block(const int B, const int64_t *idx, const float *grad,
-        float *state, float *update, const float *w, const float *b, const float *act, const float *wo,
-        float bo, float scale, float small, float big, float inv_p) {
+        const float *state_in, float *state_out, float *save, float *update, const float *w, const float *b,
+        const float *act, const float *wo, float bo, float scale, float small, float big, float inv_p) {
     float in[B][KMAX] __attribute__((aligned(64)));
     float gate[B][NV * VW] __attribute__((aligned(64)));
     float cell[((B * H + VW - 1) / VW) * VW] __attribute__((aligned(64)));
     float th[((B * H + VW - 1) / VW) * VW] __attribute__((aligned(64)));
-    float *st[B];
+    const float *si[B];
+    float *so[B];
     for (int q = 0; q < B; ++q) {
         float g = grad[idx[q]];
         if (!isfinite(g)) g = 0.0f;
@@ -116,13 +119,15 @@ static inline __attribute__((always_inline)) void block(const int B, const int64
 #else
         in[q][0] = g;
 #endif
-        st[q] = state + idx[q] * (int64_t)(L * 2 * H);
+        si[q] = state_in + idx[q] * (int64_t)(L * 2 * H);
+        so[q] = state_out + idx[q] * (int64_t)(L * 2 * H);
+        if (save) memcpy(save + idx[q] * (int64_t)SAVE, in[q], NIN * sizeof(float));
     }
     for (int j = B * H; j < (int)(sizeof cell / sizeof *cell); ++j) cell[j] = 0.0f;
     const float *wl = w, *bl = b;
     int nin = NIN;
     for (int l = 0; l < L; ++l) {
-        for (int q = 0; q < B; ++q) memcpy(in[q] + nin, st[q] + l * 2 * H, H * sizeof(float));
+        for (int q = 0; q < B; ++q) memcpy(in[q] + nin, si[q] + l * 2 * H, H * sizeof(float));
         const int k = nin + H;
         vf z[B][NV];
         for (int v = 0; v < NV; ++v) {
@@ -144,13 +149,18 @@ static inline __attribute__((always_inline)) void block(const int B, const int64
             }
         }
         for (int q = 0; q < B; ++q) {
-            const float *c = st[q] + l * 2 * H + H;
+            const float *c = si[q] + l * 2 * H + H; /* read before so[q] is written: they may alias */
             for (int j = 0; j < H; ++j) cell[q * H + j] = gate[q][H + j] * c[j] + gate[q][j] * gate[q][3 * H + j];
         }
         for (int v = 0; v < (int)(sizeof cell / sizeof *cell) / VW; ++v)
             vstore(th + v * VW, 2.0f * vsigmoid_neg(-2.0f * vload(cell + v * VW)) - 1.0f);
         for (int q = 0; q < B; ++q) {
-            float *h = st[q] + l * 2 * H;
+            if (save) { /* the activations the backward needs: i, f, o, g, tanh(c) */
+                float *sv = save + idx[q] * (int64_t)SAVE + NIN + l * 5 * H;
+                memcpy(sv, gate[q], 4 * H * sizeof(float));
+                memcpy(sv + 4 * H, th + q * H, H * sizeof(float));
+            }
+            float *h = so[q] + l * 2 * H;
             for (int j = 0; j < H; ++j) {
                 float hj = gate[q][2 * H + j] * th[q * H + j];
                 in[q][j] = hj; /* the next layer's input */
@@ -192,10 +202,86 @@ void l2l_lstm_step(int64_t n, const float *grad, const uint8_t *keep, float *sta
         }
         idx[pending++] = i;
         if (pending == BLK) {
-            block(BLK, idx, grad, state, update, w, b, act, wo, bo, scale, small, big, inv_p);
+            block(BLK, idx, grad, state, state, NULL, update, w, b, act, wo, bo, scale, small, big, inv_p);
             pending = 0;
         }
     }
     for (int q = 0; q < pending; ++q) /* the last few, one by one */
-        block(1, idx + q, grad, state, update, w, b, act, wo, bo, scale, small, big, inv_p);
+        block(1, idx + q, grad, state, state, NULL, update, w, b, act, wo, bo, scale, small, big, inv_p);
+}
+
+/* The differentiable forward: like l2l_lstm_step without keep, the new state written to state_out
+ * (state_in unchanged), and per coordinate the SAVE floats the backward reads into save: the
+ * preprocessed input, then per layer the gates i, f, o, g (activated) and tanh(c). */
+void l2l_lstm_forward(int64_t n, const float *grad, const float *state_in, float *state_out, float *save,
+                      float *update, const float *w, const float *b, const float *act, const float *wo,
+                      float bo, float scale, float p) {
+    const float small = expf(-p), big = expf(p), inv_p = 1.0f / p;
+    int64_t idx[BLK];
+    int64_t i = 0;
+    for (; i + BLK <= n; i += BLK) {
+        for (int q = 0; q < BLK; ++q) idx[q] = i + q;
+        block(BLK, idx, grad, state_in, state_out, save, update, w, b, act, wo, bo, scale, small, big, inv_p);
+    }
+    for (; i < n; ++i) block(1, &i, grad, state_in, state_out, save, update, w, b, act, wo, bo, scale, small,
+                             big, inv_p);
+}
+
+/* The backward of l2l_lstm_forward. gu (n,): the gradient of the update; gs (n, L, 2, H) or NULL: of the
+ * new state. Writes gin (n, L, 2, H), the gradient of state_in, and adds the weights' gradients to gw: per
+ * layer (KMAX + 1, NV * VW) floats, row k the gradient of input k's column of [W_ifo; W_g] (inputs, then
+ * h), row KMAX the biases'. wt: per layer the (4 H, KPAD) weights [W_ifo; W_g], rows zero-padded; wo (H,)
+ * and scale: the output layer. */
+void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, const float *state_out,
+                       const float *gu, const float *gs, float *gin, float *gw, const float *wt, const float *wo,
+                       float scale) {
+    float gh[H], g_in[KPAD] __attribute__((aligned(64)));
+    float d[NV * VW] __attribute__((aligned(64)));
+    memset(d, 0, sizeof d);
+    for (int64_t i = 0; i < n; ++i) {
+        const float *sv = save + i * (int64_t)SAVE;
+        const float *si = state_in + i * (int64_t)(L * 2 * H);
+        const float *so = state_out + i * (int64_t)(L * 2 * H);
+        const float *gsi = gs ? gs + i * (int64_t)(L * 2 * H) : NULL;
+        float *gi = gin + i * (int64_t)(L * 2 * H);
+        const float gui = gu[i] * scale;
+        for (int j = 0; j < H; ++j) gh[j] = gui * wo[j] + (gsi ? gsi[(L - 1) * 2 * H + j] : 0.0f);
+        for (int l = L - 1; l >= 0; --l) {
+            const float *ig = sv + NIN + l * 5 * H, *fg = ig + H, *og = ig + 2 * H, *gg = ig + 3 * H, *tc = ig + 4 * H;
+            const float *c_old = si + l * 2 * H + H;
+            for (int j = 0; j < H; ++j) {
+                float gc = (gsi ? gsi[l * 2 * H + H + j] : 0.0f) + gh[j] * og[j] * (1.0f - tc[j] * tc[j]);
+                d[j] = gc * gg[j] * ig[j] * (1.0f - ig[j]);
+                d[H + j] = gc * c_old[j] * fg[j] * (1.0f - fg[j]);
+                d[2 * H + j] = gh[j] * tc[j] * og[j] * (1.0f - og[j]);
+                d[3 * H + j] = gc * ig[j] * (1.0f - gg[j] * gg[j]);
+                gi[l * 2 * H + H + j] = gc * fg[j];
+            }
+            /* the weights' gradients: d times the layer's inputs, added row by row */
+            const int nin = l == 0 ? NIN : H;
+            const float *xin = l == 0 ? sv : so + (l - 1) * 2 * H, *hin = si + l * 2 * H;
+            float *g = gw + l * (int64_t)((KMAX + 1) * NV * VW);
+            vf dv[NV];
+            for (int v = 0; v < NV; ++v) dv[v] = vload(d + v * VW);
+            for (int k = 0; k < nin + H; ++k) {
+                const float x = k < nin ? xin[k] : hin[k - nin];
+                float *row = g + k * NV * VW;
+                for (int v = 0; v < NV; ++v) vstore(row + v * VW, vload(row + v * VW) + dv[v] * x);
+            }
+            float *brow = g + KMAX * NV * VW;
+            for (int v = 0; v < NV; ++v) vstore(brow + v * VW, vload(brow + v * VW) + dv[v]);
+            /* the inputs' gradients: W^T d */
+            vf acc[KPAD / VW];
+            for (int v = 0; v < KPAD / VW; ++v) acc[v] = (vf){};
+            const float *wl = wt + l * (int64_t)(4 * H * KPAD);
+            for (int r = 0; r < 4 * H; ++r) {
+                const float dr = d[r];
+                for (int v = 0; v < KPAD / VW; ++v) acc[v] += vload(wl + r * KPAD + v * VW) * dr;
+            }
+            for (int v = 0; v < KPAD / VW; ++v) vstore(g_in + v * VW, acc[v]);
+            for (int j = 0; j < H; ++j) gi[l * 2 * H + j] = g_in[nin + j];
+            if (l > 0)
+                for (int j = 0; j < H; ++j) gh[j] = g_in[j] + (gsi ? gsi[(l - 1) * 2 * H + j] : 0.0f);
+        }
+    }
 }
