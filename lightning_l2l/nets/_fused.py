@@ -325,12 +325,12 @@ class _FusedLSTM(torch.autograd.Function):
         gs = None if g_state is None else g_state.float().contiguous()
         g_in = torch.empty_like(state)
         row, srow = state[0].numel() if n else 0, save.shape[1]
-        kmax = hidden + max(nin, hidden)
+        krows = -(-(hidden + max(nin, hidden)) // 4) * 4  # KROWS of the kernel: the bias row's index
         width = pk.b.numel() // layers
         parts: list[Tensor] = []
 
         def run(start: int, stop: int) -> None:
-            gw = torch.zeros(layers, kmax + 1, width)  # this part's sums: (layer, input k or bias, gate)
+            gw = torch.zeros(layers, krows + 1, width)  # this part's sums: (layer, input k or bias, gate)
             parts.append(gw)
             lib.l2l_lstm_backward(stop - start, save.data_ptr() + 4 * srow * start, state.data_ptr() + 4 * row * start,
                                   new_state.data_ptr() + 4 * row * start, gu.data_ptr() + 4 * start,
@@ -344,7 +344,7 @@ class _FusedLSTM(torch.autograd.Function):
         for layer in range(layers):
             k = (nin if layer == 0 else hidden) + hidden
             w = gw[layer, :k, : 4 * hidden].t()  # (4 hidden, inputs + hidden)
-            b = gw[layer, kmax, : 4 * hidden]
+            b = gw[layer, krows, : 4 * hidden]
             grads += [w[: 3 * hidden], b[: 3 * hidden], w[3 * hidden :], b[3 * hidden :]]
         gu_scaled = gu * scale
         g_out_w = (gu_scaled @ new_state[:, layers - 1, 0]).reshape(1, hidden)

@@ -229,59 +229,92 @@ void l2l_lstm_forward(int64_t n, const float *grad, const float *state_in, float
 
 /* The backward of l2l_lstm_forward. gu (n,): the gradient of the update; gs (n, L, 2, H) or NULL: of the
  * new state. Writes gin (n, L, 2, H), the gradient of state_in, and adds the weights' gradients to gw: per
- * layer (KMAX + 1, NV * VW) floats, row k the gradient of input k's column of [W_ifo; W_g] (inputs, then
- * h), row KMAX the biases'. wt: per layer the (4 H, KPAD) weights [W_ifo; W_g], rows zero-padded; wo (H,)
- * and scale: the output layer. */
+ * layer (KROWS + 1, NV * VW) floats, row k the gradient of input k's column of [W_ifo; W_g] (inputs, then
+ * h; rows past the layer's inputs stay 0), row KROWS the biases'. wt: per layer the (4 H, KPAD) weights
+ * [W_ifo; W_g], rows zero-padded; wo (H,) and scale: the output layer.
+ *
+ * By tiles of TB coordinates: first each coordinate's gate gradients d (and the state's gradient), then the
+ * tile's d^T [inputs, h] added to gw with the sums in registers (four input rows at a time). */
+#define KROWS ((KMAX + 3) / 4 * 4)
+#define TB 32
 void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, const float *state_out,
                        const float *gu, const float *gs, float *gin, float *gw, const float *wt, const float *wo,
                        float scale) {
+    static __thread float dt[TB][L][NV * VW] __attribute__((aligned(64)));
+    static __thread float inr[TB][KROWS] __attribute__((aligned(64)));
     float gh[H], g_in[KPAD] __attribute__((aligned(64)));
-    float d[NV * VW] __attribute__((aligned(64)));
-    memset(d, 0, sizeof d);
-    for (int64_t i = 0; i < n; ++i) {
-        const float *sv = save + i * (int64_t)SAVE;
-        const float *si = state_in + i * (int64_t)(L * 2 * H);
-        const float *so = state_out + i * (int64_t)(L * 2 * H);
-        const float *gsi = gs ? gs + i * (int64_t)(L * 2 * H) : NULL;
-        float *gi = gin + i * (int64_t)(L * 2 * H);
-        const float gui = gu[i] * scale;
-        for (int j = 0; j < H; ++j) gh[j] = gui * wo[j] + (gsi ? gsi[(L - 1) * 2 * H + j] : 0.0f);
-        for (int l = L - 1; l >= 0; --l) {
-            const float *ig = sv + NIN + l * 5 * H, *fg = ig + H, *og = ig + 2 * H, *gg = ig + 3 * H, *tc = ig + 4 * H;
-            const float *c_old = si + l * 2 * H + H;
-            for (int j = 0; j < H; ++j) {
-                float gc = (gsi ? gsi[l * 2 * H + H + j] : 0.0f) + gh[j] * og[j] * (1.0f - tc[j] * tc[j]);
-                d[j] = gc * gg[j] * ig[j] * (1.0f - ig[j]);
-                d[H + j] = gc * c_old[j] * fg[j] * (1.0f - fg[j]);
-                d[2 * H + j] = gh[j] * tc[j] * og[j] * (1.0f - og[j]);
-                d[3 * H + j] = gc * ig[j] * (1.0f - gg[j] * gg[j]);
-                gi[l * 2 * H + H + j] = gc * fg[j];
+    memset(dt, 0, sizeof dt); /* the lanes past 4 H stay 0 */
+    for (int64_t t0 = 0; t0 < n; t0 += TB) {
+        const int m = n - t0 < TB ? (int)(n - t0) : TB;
+        for (int q = 0; q < m; ++q) {
+            const int64_t i = t0 + q;
+            const float *sv = save + i * (int64_t)SAVE;
+            const float *si = state_in + i * (int64_t)(L * 2 * H);
+            const float *gsi = gs ? gs + i * (int64_t)(L * 2 * H) : NULL;
+            float *gi = gin + i * (int64_t)(L * 2 * H);
+            const float gui = gu[i] * scale;
+            for (int j = 0; j < H; ++j) gh[j] = gui * wo[j] + (gsi ? gsi[(L - 1) * 2 * H + j] : 0.0f);
+            for (int l = L - 1; l >= 0; --l) {
+                const float *ig = sv + NIN + l * 5 * H, *fg = ig + H, *og = ig + 2 * H, *gg = ig + 3 * H,
+                            *tc = ig + 4 * H;
+                const float *c_old = si + l * 2 * H + H;
+                float *d = dt[q][l];
+                for (int j = 0; j < H; ++j) {
+                    float gc = (gsi ? gsi[l * 2 * H + H + j] : 0.0f) + gh[j] * og[j] * (1.0f - tc[j] * tc[j]);
+                    d[j] = gc * gg[j] * ig[j] * (1.0f - ig[j]);
+                    d[H + j] = gc * c_old[j] * fg[j] * (1.0f - fg[j]);
+                    d[2 * H + j] = gh[j] * tc[j] * og[j] * (1.0f - og[j]);
+                    d[3 * H + j] = gc * ig[j] * (1.0f - gg[j] * gg[j]);
+                    gi[l * 2 * H + H + j] = gc * fg[j];
+                }
+                /* the inputs' gradients: W^T d */
+                vf acc[KPAD / VW];
+                for (int v = 0; v < KPAD / VW; ++v) acc[v] = (vf){};
+                const float *wl = wt + l * (int64_t)(4 * H * KPAD);
+                for (int r = 0; r < 4 * H; ++r) {
+                    const float dr = d[r];
+                    for (int v = 0; v < KPAD / VW; ++v) acc[v] += vload(wl + r * KPAD + v * VW) * dr;
+                }
+                for (int v = 0; v < KPAD / VW; ++v) vstore(g_in + v * VW, acc[v]);
+                const int nin = l == 0 ? NIN : H;
+                for (int j = 0; j < H; ++j) gi[l * 2 * H + j] = g_in[nin + j];
+                if (l > 0)
+                    for (int j = 0; j < H; ++j) gh[j] = g_in[j] + (gsi ? gsi[(l - 1) * 2 * H + j] : 0.0f);
             }
-            /* the weights' gradients: d times the layer's inputs, added row by row */
-            const int nin = l == 0 ? NIN : H;
-            const float *xin = l == 0 ? sv : so + (l - 1) * 2 * H, *hin = si + l * 2 * H;
-            float *g = gw + l * (int64_t)((KMAX + 1) * NV * VW);
-            vf dv[NV];
-            for (int v = 0; v < NV; ++v) dv[v] = vload(d + v * VW);
-            for (int k = 0; k < nin + H; ++k) {
-                const float x = k < nin ? xin[k] : hin[k - nin];
-                float *row = g + k * NV * VW;
-                for (int v = 0; v < NV; ++v) vstore(row + v * VW, vload(row + v * VW) + dv[v] * x);
+        }
+        /* the weights' gradients of the tile */
+        for (int l = 0; l < L; ++l) {
+            const int nin = l == 0 ? NIN : H, k = nin + H, kend = (k + 3) / 4 * 4;
+            for (int q = 0; q < m; ++q) {
+                const int64_t i = t0 + q;
+                const float *xin = l == 0 ? save + i * (int64_t)SAVE : state_out + i * (int64_t)(L * 2 * H) + (l - 1) * 2 * H;
+                const float *hin = state_in + i * (int64_t)(L * 2 * H) + l * 2 * H;
+                for (int j = 0; j < nin; ++j) inr[q][j] = xin[j];
+                for (int j = 0; j < H; ++j) inr[q][nin + j] = hin[j];
+                for (int j = k; j < KROWS; ++j) inr[q][j] = 0.0f;
             }
-            float *brow = g + KMAX * NV * VW;
-            for (int v = 0; v < NV; ++v) vstore(brow + v * VW, vload(brow + v * VW) + dv[v]);
-            /* the inputs' gradients: W^T d */
-            vf acc[KPAD / VW];
-            for (int v = 0; v < KPAD / VW; ++v) acc[v] = (vf){};
-            const float *wl = wt + l * (int64_t)(4 * H * KPAD);
-            for (int r = 0; r < 4 * H; ++r) {
-                const float dr = d[r];
-                for (int v = 0; v < KPAD / VW; ++v) acc[v] += vload(wl + r * KPAD + v * VW) * dr;
+            float *g = gw + l * (int64_t)((KROWS + 1) * NV * VW);
+            for (int k0 = 0; k0 < kend; k0 += 4) {
+                vf acc[4][NV];
+                for (int u = 0; u < 4; ++u)
+                    for (int v = 0; v < NV; ++v) acc[u][v] = (vf){};
+                for (int q = 0; q < m; ++q)
+                    for (int v = 0; v < NV; ++v) {
+                        const vf dv = vload(dt[q][l] + v * VW);
+                        for (int u = 0; u < 4; ++u) acc[u][v] += dv * inr[q][k0 + u];
+                    }
+                for (int u = 0; u < 4; ++u)
+                    for (int v = 0; v < NV; ++v) {
+                        float *row = g + (k0 + u) * NV * VW + v * VW;
+                        vstore(row, vload(row) + acc[u][v]);
+                    }
             }
-            for (int v = 0; v < KPAD / VW; ++v) vstore(g_in + v * VW, acc[v]);
-            for (int j = 0; j < H; ++j) gi[l * 2 * H + j] = g_in[nin + j];
-            if (l > 0)
-                for (int j = 0; j < H; ++j) gh[j] = g_in[j] + (gsi ? gsi[(l - 1) * 2 * H + j] : 0.0f);
+            vf bacc[NV];
+            for (int v = 0; v < NV; ++v) bacc[v] = (vf){};
+            for (int q = 0; q < m; ++q)
+                for (int v = 0; v < NV; ++v) bacc[v] += vload(dt[q][l] + v * VW);
+            float *brow = g + KROWS * NV * VW;
+            for (int v = 0; v < NV; ++v) vstore(brow + v * VW, vload(brow + v * VW) + bacc[v]);
         }
     }
 }
