@@ -1,4 +1,4 @@
-"""The fused frozen step of :class:`~lightning_l2l.nets.CoordinatewiseLSTM` on CPU: a small C kernel.
+"""The fused steps of :class:`~lightning_l2l.nets.CoordinatewiseLSTM` on CPU: small C kernels.
 
 The eager network spends most of a frozen step outside its FLOPs: skinny ``(n, 22) x (22, 80)``
 products, a dozen elementwise passes over ``(n, 80)`` gates, and the state stacked and copied back
@@ -6,9 +6,12 @@ products, a dozen elementwise passes over ``(n, 80)`` gates, and the state stack
 registers and writes the state in place, so a step costs its FLOPs, the gates' activations and one
 pass over the state. It is built here with the system C compiler (``cc``, or ``$CC``) at its first
 use, for this CPU (``-march=native``), into a cache directory (``$L2L_KERNEL_CACHE``, else
-``~/.cache/lightning_l2l/kernels``), and loaded with :mod:`ctypes`. Without a compiler, on other
-devices and dtypes, or with gradients on, the eager network runs: same updates to float32
-rounding (``tests/test_fused.py``).
+``~/.cache/lightning_l2l/kernels``), and loaded with :mod:`ctypes`. Without a compiler, or on other
+devices and dtypes, the eager network runs: same updates to float32 rounding (``tests/test_fused.py``).
+
+With gradients on (meta-training), :func:`fused_lstm_forward` is the network as one autograd node: the
+same kernel saves the gates for ``l2l_lstm_backward``, which gives the gradients of the state and of
+the weights (docs/implementation.md). ``L2L_FUSED=0`` in the environment turns every fused path off.
 
 A call releases the GIL (ctypes does), so a run of coordinates is split over
 ``torch.get_num_threads()`` Python threads.

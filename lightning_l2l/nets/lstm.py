@@ -76,7 +76,10 @@ class CoordinatewiseLSTM(UpdateRule):
     .. math::  [u_i, h_i'] = \\mathrm{LSTM}(\\mathrm{pre}(g_i), h_i; \\phi), \\qquad
                \\theta_i \\leftarrow \\theta_i + s \\cdot W_{out} u_i
 
-    All coordinates go through one batched call: the coordinate index is the batch dimension.
+    All coordinates go through one batched call: the coordinate index is the batch dimension. On CPU
+    in float32 the frozen step (:meth:`step_`) and the differentiable one (``forward`` with gradients
+    on, no autocast) run fused C kernels (:mod:`lightning_l2l.nets._fused`; the same numbers to float32
+    rounding); ``L2L_FUSED=0`` in the environment turns them off.
 
     Args:
         hidden_size: units per LSTM layer (paper: 20).
