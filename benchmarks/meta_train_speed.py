@@ -1,19 +1,31 @@
-"""Meta-training throughput on CPU: optimizee steps and coordinate-steps per second.
+"""Meta-training throughput on CPU: optimizee steps and coordinate-steps per second, with a floor.
 
-    python benchmarks/meta_train_speed.py [--threads N] [--truncations 30]
+    python benchmarks/meta_train_speed.py [--threads 1 all] [--truncations 30] [--eager]
 
 One "truncation" is what one MetaLearner.training_step does: ``unroll`` optimizee steps with the
 coordinatewise LSTM (forward with graph), the backward through all of them, a clip and an Adam step
 on the rule. Measured on quadratic tasks of growing size (coordinates = num_functions x dim), with
-the paper's LSTM (2 x 20 units, log-sign preprocessing). Also times the frozen rule (evaluation /
-LearnedOptimizer-style, no meta-gradient). Prints a markdown table.
+the paper's LSTM (2 x 20 units, log-sign preprocessing), at one CPU thread and at all of them
+(``--threads``). Also times the frozen rule (evaluation / LearnedOptimizer-style, no meta-gradient).
+
+Floor: the network's FLOPs per coordinate-step (forward about 10^4, the backward twice that: 3x the
+forward), over the rate of a large float32 matmul measured at the same thread count; "x floor" is a
+meta-training optimizee step over it. "x Adam": a meta-training optimizee step over one step of
+training the same task with ``torch.optim.Adam`` (loss, backward, step). On CPU in float32 the LSTM
+runs its fused kernels (``lightning_l2l/nets/_fused.py``); ``--eager`` adds the same rows with
+``L2L_FUSED=0`` (the eager network), run in a subprocess. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
+from typing import Any
 
 import torch
 
@@ -21,8 +33,11 @@ from lightning_l2l.nets import CoordinatewiseLSTM
 from lightning_l2l.tasks import QuadraticFamily
 from lightning_l2l.trajectory import Trajectory, unroll
 
+SIZES = (128, 1024, 8192)  # quadratics of 10 dimensions per task
 
-def time_truncations(num_functions: int, unroll_len: int, truncations: int) -> tuple[float, float]:
+
+def time_truncations(num_functions: int, unroll_len: int, truncations: int) -> tuple[float, float, float]:
+    """Seconds per optimizee step: meta-training, the frozen rule, and Adam on the same task."""
     torch.manual_seed(0)
     rule = CoordinatewiseLSTM()
     opt = torch.optim.Adam(rule.parameters(), lr=1e-3)
@@ -52,25 +67,93 @@ def time_truncations(num_functions: int, unroll_len: int, truncations: int) -> t
     start = time.perf_counter()
     unroll(rule, traj, 100, differentiable=False)
     frozen = (time.perf_counter() - start) / 100
-    return train, frozen
+
+    task = family.sample(gen)
+    params = {n: p.detach().clone().requires_grad_() for n, p in task.init_params().items()}
+    adam = torch.optim.Adam(params.values(), lr=1e-3)
+    for i in range(110):
+        if i == 10:
+            start = time.perf_counter()
+        adam.zero_grad()
+        task.loss(params, i).backward()
+        adam.step()
+    return train, frozen, (time.perf_counter() - start) / 100
+
+
+def matmul_rate(threads: int) -> float:
+    """FLOP/s of a 2048 x 2048 float32 matmul, best of 5."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def network_flops() -> int:
+    """Forward FLOPs per coordinate of the paper's LSTM: the four gates of both layers and the output."""
+    rule = CoordinatewiseLSTM()
+    flops, inputs = 0, 2
+    for layer in range(rule.num_layers):
+        flops += 2 * ((inputs if layer == 0 else rule.hidden_size) + rule.hidden_size) * 4 * rule.hidden_size
+    return flops + 2 * rule.hidden_size
+
+
+def measure(threads: int, unroll_len: int, truncations: int) -> list[dict[str, Any]]:
+    torch.set_num_threads(threads)
+    rate = matmul_rate(threads)
+    rows = []
+    for num_functions in SIZES:
+        coords = num_functions * 10
+        train, frozen, adam = time_truncations(num_functions, unroll_len, max(3, truncations * 128 // num_functions))
+        rows.append(dict(threads=threads, coords=coords, train_s=train, frozen_s=frozen, adam_s=adam, matmul=rate,
+                         floor_s=coords * 3 * network_flops() / rate,
+                         fused=os.environ.get("L2L_FUSED") != "0"))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", nargs="+", default=["1", "all"],
+                        help="CPU thread counts, 'all': every CPU this process may use (default: 1 all)")
     parser.add_argument("--truncations", type=int, default=30)
     parser.add_argument("--unroll", type=int, default=20)
+    parser.add_argument("--eager", action="store_true", help="also the eager network (L2L_FUSED=0), in a subprocess")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"unroll {args.unroll}, CoordinatewiseLSTM(20, 2 layers)\n")
-    print("| coordinates | meta-train: optimizee steps/s | meta-train: coordinate-steps/s "
-          "| frozen rule: steps/s | frozen rule: coordinate-steps/s |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for num_functions in (128, 1024, 8192):
-        coords = num_functions * 10
-        train, frozen = time_truncations(num_functions, args.unroll, max(3, args.truncations * 128 // num_functions))
-        print(f"| {coords:,} | {1 / train:,.0f} | {coords / train:,.3g} | {1 / frozen:,.0f} | {coords / frozen:,.3g} |")
+    all_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    thread_counts = list(dict.fromkeys(all_cpus if t == "all" else int(t) for t in args.threads))
+    if args.worker:
+        print(json.dumps([r for t in thread_counts for r in measure(t, args.unroll, args.truncations)]))
+        return
+    from lightning_l2l.nets._fused import fused_lstm_status
+
+    why = fused_lstm_status()
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {thread_counts} of "
+          f"{all_cpus}, unroll {args.unroll}, CoordinatewiseLSTM(20, 2 layers), fused kernels: "
+          f"{'yes' if why is None else 'no (' + why + ')'}\n")
+    rows = [r for t in thread_counts for r in measure(t, args.unroll, args.truncations)]
+    if args.eager:
+        cmd = [sys.executable, __file__, "--worker", "1", "--threads", *map(str, thread_counts),
+               "--truncations", str(args.truncations), "--unroll", str(args.unroll)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "L2L_FUSED": "0"})
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    print(table(rows))
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| threads | network | coordinates | meta-train: optimizee steps/s | meta-train: coordinate-steps/s "
+             "| floor (ms per step) | x floor | x Adam | frozen rule: steps/s | frozen rule: coordinate-steps/s |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        c, train, frozen = r["coords"], r["train_s"], r["frozen_s"]
+        lines.append(f"| {r['threads']} | {'fused' if r['fused'] else 'eager'} | {c:,} | {1 / train:,.0f} | "
+                     f"{c / train:,.3g} | {r['floor_s'] * 1e3:.3f} | {train / r['floor_s']:.1f} | "
+                     f"{train / r['adam_s']:.0f} | {1 / frozen:,.0f} | {c / frozen:,.3g} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                       # CPU (and CUDA if present), 10k ... 10M parameters
     python benchmarks/step_time.py --sizes 1e4 1e5 --threads 1 --device cpu
+    python benchmarks/step_time.py --sizes 1e6 --device cpu --threads 1 all --rules lstm lstm-eager moments
     python benchmarks/step_time.py --compile             # also LearnedOptimizer(compile=True)
     python benchmarks/step_time.py --sizes 1e5 --device cpu --rules lstm gac ntm   # LSTM+GAC, NTM-BFGS too
     python benchmarks/step_time.py --sizes 1e6 --device cpu --rules lstm moments   # MomentMLP() too
@@ -9,7 +10,11 @@
 For each MLP size and optimizer the script times ``optimizer.step()`` alone (gradients are
 computed once and reused, so the model's forward/backward does not blur the optimizer's cost) and
 measures the memory the optimizer adds at its peak (state plus temporaries). Every configuration
-runs in a fresh subprocess, so peaks do not leak into each other. ``--compile`` adds rows for
+runs in a fresh subprocess, so peaks do not leak into each other. ``--threads 1 all`` (the default)
+measures everything, floors included, at one CPU thread and at all of them; "x Adam" is a step over
+Adam's at the same size and threads. The LSTM's rows use its fused CPU step where it runs
+(``LearnedOptimizer(fused=None)``, the default; the header says whether it does); ``--rules
+lstm-eager`` adds rows for ``fused=False``, the eager network. ``--compile`` adds rows for
 ``LearnedOptimizer(compile=True)``: its first step (compilation included) is reported apart, and two
 untimed steps precede the timed ones. ``--rules gac ntm`` adds rows for ``LearnedOptimizer`` with
 a randomly initialised :class:`~lightning_l2l.nets.LSTMGAC` / :class:`~lightning_l2l.nets.NTMBFGS`
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -56,7 +62,7 @@ def mlp(num_params: int) -> nn.Module:
 def _make_optimizer(
     name: str, model: nn.Module, weights: str | None, chunk_size: int | None
 ) -> torch.optim.Optimizer:
-    """``adam``, ``learned`` or ``compiled`` (the learned optimizer with ``compile=True``), ``gac``, ``ntm``, ``moments``."""
+    """``adam``, ``learned``, ``eager`` (``fused=False``), ``compiled`` (``compile=True``), ``gac``, ``ntm``, ``moments``."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     from lightning_l2l import LearnedOptimizer
@@ -67,7 +73,8 @@ def _make_optimizer(
         rule = LSTMGAC() if name == "gac" else NTMBFGS()
     if name == "moments":
         rule = MomentMLP()
-    return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size, compile=name == "compiled")
+    return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size, compile=name == "compiled",
+                                        fused=False if name == "eager" else None)
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -180,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable timings on a shared machine)")
+    parser.add_argument("--threads", nargs="+", default=["1", "all"],
+                        help="CPU thread counts to measure at, 'all': every CPU this process may use (default: 1 all)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default: by size, 3 at 10M)")
     parser.add_argument("--chunk-size", type=int, default=None, help="LearnedOptimizer chunk_size (default: its own)")
     parser.add_argument("--weights", default=None, help="weights for LearnedOptimizer (default: shipped quadratic)")
     parser.add_argument("--compile", action="store_true", help="also time LearnedOptimizer(compile=True)")
-    parser.add_argument("--rules", nargs="+", choices=["lstm", "gac", "ntm", "moments"], default=["lstm"],
-                        help="learned rules to time: lstm (the weights), gac (LSTMGAC()), ntm (NTMBFGS()), moments (MomentMLP())")
+    parser.add_argument("--rules", nargs="+", choices=["lstm", "lstm-eager", "gac", "ntm", "moments"], default=["lstm"],
+                        help="learned rules to time: lstm (the weights), lstm-eager (the same, fused=False), "
+                             "gac (LSTMGAC()), ntm (NTMBFGS()), moments (MomentMLP())")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -200,37 +209,25 @@ def main(argv: list[str] | None = None) -> None:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     costs = {name: rule_costs(weights, name) for name in ("learned", "gac", "ntm", "moments")}
-    learned = [{"lstm": "learned", "gac": "gac", "ntm": "ntm", "moments": "moments"}[r] for r in args.rules]
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, weights {weights or 'random CoordinatewiseLSTM()'}, "
-          f"chunk_size {chunk or 'default'}")
+    costs["eager"] = costs["compiled"] = costs["learned"]
+    learned = [{"lstm": "learned", "lstm-eager": "eager", "gac": "gac", "ntm": "ntm", "moments": "moments"}[r]
+               for r in args.rules]
+    all_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    thread_counts = list(dict.fromkeys(all_cpus if t == "all" else int(t) for t in args.threads))
+    from lightning_l2l.nets._fused import fused_lstm_status
+
+    why = fused_lstm_status()
+    print(f"torch {torch.__version__}, CPU threads {thread_counts} of {all_cpus}, weights "
+          f"{weights or 'random CoordinatewiseLSTM()'}, chunk_size {chunk or 'default'}, fused LSTM step on CPU: "
+          f"{'yes' if why is None else 'no (' + why + ')'}")
     rows = []
     for device in devices:
         dev = torch.device(device)
-        bw, rate = bandwidth(dev, args.threads), matmul_rate(dev, args.threads)
-        print(f"{device}: measured copy bandwidth {bw / 1e9:.1f} GB/s, float32 matmul {rate / 1e9:.0f} GFLOP/s")
-        for size in args.sizes:
-            for name in ("adam", *learned, *(("compiled",) if args.compile else ())):
-                steps = args.steps or (3 if size >= 5e6 else 10 if size >= 5e5 else 50)
-                cfg = dict(size=int(size), optimizer=name, device=device, threads=args.threads, steps=steps,
-                           warmup=2 if name == "compiled" else 1, weights=weights, chunk_size=chunk)
-                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
-                                     text=True, check=False)
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"worker failed for {cfg}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                n = row["params"]
-                if name == "adam":
-                    bytes_moved, flops = n * 4 * 7, n * 12
-                else:
-                    state_floats, net_flops = costs["learned" if name == "compiled" else name]
-                    bytes_moved, flops = n * 4 * (3 + 2 * state_floats), n * net_flops
-                row.update(bandwidth=bw, matmul=rate, floor_mem_s=bytes_moved / bw, floor_flops_s=flops / rate)
-                row["floor_s"] = max(row["floor_mem_s"], row["floor_flops_s"])
-                rows.append(row)
-                print(f"  {n:>10,d} params {name:8s} step {row['step_s'] * 1e3:9.2f} ms  "
-                      f"peak +{row['peak_bytes'] / 2**20:8.1f} MiB  floor {row['floor_s'] * 1e3:8.2f} ms  "
-                      f"first step {row['first_step_s'] * 1e3:9.1f} ms", flush=True)
+        for threads in thread_counts if device == "cpu" else thread_counts[:1]:
+            bw, rate = bandwidth(dev, threads), matmul_rate(dev, threads)
+            print(f"{device}, {threads} threads: measured copy bandwidth {bw / 1e9:.1f} GB/s, "
+                  f"float32 matmul {rate / 1e9:.0f} GFLOP/s")
+            rows += _measure(args, device, threads, bw, rate, learned, costs, weights, chunk)
     print()
     print(table(rows))
     if args.json:
@@ -238,21 +235,56 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(rows, f, indent=2)
 
 
+def _measure(args: argparse.Namespace, device: str, threads: int, bw: float, rate: float, learned: list[str],
+             costs: dict[str, tuple[int, int]], weights: str | None, chunk: int | None) -> list[dict[str, Any]]:
+    """Every size and optimizer at one device and thread count, each in a fresh subprocess."""
+    rows = []
+    for size in args.sizes:
+        for name in ("adam", *learned, *(("compiled",) if args.compile else ())):
+            steps = args.steps or (3 if size >= 5e6 else 10 if size >= 5e5 else 50)
+            cfg = dict(size=int(size), optimizer=name, device=device, threads=threads, steps=steps,
+                       warmup=2 if name == "compiled" else 1, weights=weights, chunk_size=chunk)
+            out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
+                                 text=True, check=False)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"worker failed for {cfg}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            n = row["params"]
+            if name == "adam":
+                bytes_moved, flops = n * 4 * 7, n * 12
+            else:
+                state_floats, net_flops = costs[name]
+                bytes_moved, flops = n * 4 * (3 + 2 * state_floats), n * net_flops
+            row.update(bandwidth=bw, matmul=rate, floor_mem_s=bytes_moved / bw, floor_flops_s=flops / rate)
+            row["floor_s"] = max(row["floor_mem_s"], row["floor_flops_s"])
+            rows.append(row)
+            print(f"  {n:>10,d} params {name:8s} step {row['step_s'] * 1e3:9.2f} ms  "
+                  f"peak +{row['peak_bytes'] / 2**20:8.1f} MiB  floor {row['floor_s'] * 1e3:8.2f} ms  "
+                  f"first step {row['first_step_s'] * 1e3:9.1f} ms", flush=True)
+    return rows
+
+
 NAMES = {"adam": "Adam", "learned": "LearnedOptimizer", "compiled": "LearnedOptimizer (compile=True)",
+         "eager": "LearnedOptimizer (fused=False)",
          "gac": "LearnedOptimizer, LSTMGAC()", "ntm": "LearnedOptimizer, NTMBFGS()",
          "moments": "LearnedOptimizer, MomentMLP()"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["device", "params", "optimizer", "step (ms)", "first step (ms)", "peak memory added (MiB)",
-              "memory floor (ms)", "FLOP floor (ms)", "x floor"]
+    """Markdown rows; "x Adam": the step over Adam's at the same device, threads and size (blank without one)."""
+    adam = {(r["device"], r["threads"], r["params"]): r["step_s"] for r in rows if r["optimizer"] == "adam"}
+    header = ["device", "threads", "params", "optimizer", "step (ms)", "first step (ms)", "peak memory added (MiB)",
+              "memory floor (ms)", "FLOP floor (ms)", "x floor", "x Adam"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        base = adam.get((r["device"], r["threads"], r["params"]))
+        x_adam = f"{r['step_s'] / base:.0f}" if base and r["optimizer"] != "adam" else ""
         lines.append(
-            f"| {r['device']} | {r['params']:,} | {NAMES[r['optimizer']]}"
+            f"| {r['device']} | {r['threads']} | {r['params']:,} | {NAMES[r['optimizer']]}"
             f"{' (compilation failed: eager)' if r.get('compile_fell_back') else ''} | {r['step_s'] * 1e3:.2f} | "
             f"{r['first_step_s'] * 1e3:.1f} | {r['peak_bytes'] / 2**20:.1f} | "
-            f"{r['floor_mem_s'] * 1e3:.2f} | {r['floor_flops_s'] * 1e3:.2f} | {r['step_s'] / r['floor_s']:.1f} |"
+            f"{r['floor_mem_s'] * 1e3:.2f} | {r['floor_flops_s'] * 1e3:.2f} | {r['step_s'] / r['floor_s']:.1f} | {x_adam} |"
         )
     return "\n".join(lines)
 

@@ -200,7 +200,11 @@ def unroll(
                 for n, g in zip(params.keys(), grads, strict=True)
             }
             with torch.set_grad_enabled(differentiable):  # frozen: new params and states carry no graph
-                result = apply_rule(rule, traj.layout, grads_by_name, traj.states, zero_grads=zero_grads)
+                # frozen, the states are written in place (the fused LSTM step on CPU), unless one still
+                # carries a graph (a trajectory unrolled differentiably and not detached)
+                inplace = not differentiable and not any(s.requires_grad for s in traj.states.values())
+                result = apply_rule(rule, traj.layout, grads_by_name, traj.states, zero_grads=zero_grads,
+                                    inplace=inplace)
                 updates, traj.states = result.updates, result.states
                 if lr != 1.0:
                     updates = {n: u * lr for n, u in updates.items()}

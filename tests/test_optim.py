@@ -379,12 +379,12 @@ def _inductor_works() -> bool:
         return False
 
 
-def _conv_run(compile: bool, steps: int = 4) -> tuple[torch.Tensor, LearnedOptimizer]:
+def _conv_run(compile: bool, steps: int = 4, fused: bool | None = None) -> tuple[torch.Tensor, LearnedOptimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(12, 5))
     x = torch.randn(4, 1, 4, 4)
     # chunk_size 16: full and shorter chunks, two kinds through the shipped conv PerKindRule
-    opt = LearnedOptimizer.from_module(model, "conv", chunk_size=16, compile=compile)
+    opt = LearnedOptimizer.from_module(model, "conv", chunk_size=16, compile=compile, fused=fused)
     for _ in range(steps):
         opt.zero_grad()
         model(x).pow(2).mean().backward()
@@ -401,7 +401,7 @@ def test_compiled_network_matches_eager_updates():
 
     if not _inductor_works():
         pytest.skip("torch.compile cannot build kernels on this machine (on CPU: needs g++/clang++ and Python.h)")
-    eager, _ = _conv_run(compile=False)
+    eager, _ = _conv_run(compile=False, fused=False)
     counters.clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -429,7 +429,7 @@ def test_compile_failure_warns_once_and_continues_eagerly(monkeypatch, fails_at)
             raise RuntimeError("no working C++ compiler found\nmore details")
         return run
 
-    eager, _ = _conv_run(compile=False)
+    eager, _ = _conv_run(compile=False, fused=False)  # compile=True falls back to the network's forward
     monkeypatch.setattr(torch, "compile", broken_compile)
     message = {"compile": "torch.compile is not supported on this Python", "call": r"no working C\+\+ compiler found"}[fails_at]
     with pytest.warns(RuntimeWarning, match=rf"torch.compile failed on cpu \(RuntimeError: {message}\)") as seen:
@@ -491,7 +491,7 @@ def test_step_time_benchmark_rows_and_an_uncompiled_row_said_so(monkeypatch, cap
 
     bench = load_benchmark("step_time")
     cfg = dict(size=500, device="cpu", threads=1, steps=2, warmup=1, weights="quadratic", chunk_size=None)
-    rows = [bench.worker({**cfg, "optimizer": name}) for name in ("adam", "learned")]
+    rows = [bench.worker({**cfg, "optimizer": name}) for name in ("adam", "learned", "eager")]
 
     def broken_compile(module, **kwargs):
         def run(*args):
@@ -504,8 +504,11 @@ def test_step_time_benchmark_rows_and_an_uncompiled_row_said_so(monkeypatch, cap
         r.update(bandwidth=1e10, matmul=1e10, floor_mem_s=1e-6, floor_flops_s=1e-6, floor_s=1e-6)
         assert r["params"] == sum(p.numel() for p in bench.mlp(500).parameters()) and r["step_s"] > 0
         assert r["first_step_s"] > 0 and r["peak_bytes"] >= 0
-    assert [r["compile_fell_back"] for r in rows] == [False, False, True]
+    assert [r["compile_fell_back"] for r in rows] == [False, False, False, True]
     lines = bench.table(rows).splitlines()
     assert "| Adam |" in lines[2] and "| LearnedOptimizer |" in lines[3]
-    assert "| LearnedOptimizer (compile=True) (compilation failed: eager) |" in lines[4]
+    assert "| LearnedOptimizer (fused=False) |" in lines[4]
+    assert "| LearnedOptimizer (compile=True) (compilation failed: eager) |" in lines[5]
+    ratio = rows[1]["step_s"] / rows[0]["step_s"]
+    assert lines[2].endswith("|  |") and lines[3].endswith(f"| {ratio:.0f} |")  # x Adam
     json.dumps(rows)  # --json writes them

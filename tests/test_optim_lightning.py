@@ -147,7 +147,7 @@ def test_callback_compile_reaches_the_optimizer(tmp_path, weights, monkeypatch):
     for compile in (False, True):
         L.seed_everything(0)
         model = UserModel()
-        cb = LearnedOptimizerCallback(weights=weights, compile=compile)
+        cb = LearnedOptimizerCallback(weights=weights, compile=compile, fused=False)  # compile=True runs forward
         _trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model)
         assert cb.optimizer.compile is compile and bool(cb.optimizer._compiled) is compile
         runs[compile] = _params(model)

@@ -229,14 +229,14 @@ def test_from_module_restricted_to_some_params(lstm_rule):
 def _count_calls(opt, monkeypatch) -> list[str]:
     calls: list[str] = []
     nets = opt.rule.networks.values() if isinstance(opt.rule, PerKindRule) else [opt.rule]
-    for net in nets:
-        original = net.forward
+    for net in nets:  # the optimizer's in-place step: UpdateRule.step_ (the fused kernel or forward)
+        original = net.step_
 
-        def counting(grad, state, kind="default", original=original):
+        def counting(grad, state, kind="default", keep=None, *, fused=True, original=original):
             calls.append(kind)
-            return original(grad, state, kind)
+            return original(grad, state, kind, keep, fused=fused)
 
-        monkeypatch.setattr(net, "forward", counting)
+        monkeypatch.setattr(net, "step_", counting)
     return calls
 
 

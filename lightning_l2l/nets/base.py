@@ -107,6 +107,24 @@ class UpdateRule(nn.Module, ABC):
         return self(grad, state, kind)
         yield  # a generator that yields nothing  # pragma: no cover
 
+    def step_(
+        self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND, keep: Tensor | None = None, *, fused: bool = True
+    ) -> Tensor:
+        """One frozen step in place (under ``no_grad``): writes the new state into ``state``, returns the update.
+
+        What :func:`~lightning_l2l.nets.apply_rule` calls with ``inplace=True``. ``keep``: ``(n,)`` bool,
+        ``False`` where a coordinate gets a zero update and keeps its state. ``fused``: a rule with
+        a faster implementation of this step may use it (:class:`~lightning_l2l.nets.CoordinatewiseLSTM`
+        on CPU; same updates to float rounding); ``False``: :meth:`forward`. The default runs
+        :meth:`forward` and copies its state back.
+        """
+        update, new_state = self(grad, state, kind)
+        if keep is not None:
+            update = torch.where(keep, update, torch.zeros_like(update))
+            new_state = torch.where(keep.view(-1, *([1] * (new_state.dim() - 1))), new_state, state)
+        state.copy_(new_state)
+        return update
+
     def state_dtype(self) -> torch.dtype:
         """The dtype the rule keeps its state in: that of its weights."""
         for p in self.parameters():

@@ -143,6 +143,7 @@ def apply_rule(
     chunk_size: int | None = None,
     zero_grads: str = "update",
     inplace: bool = False,
+    fused: bool = True,
 ) -> RuleStep:
     """One step of ``rule`` on every tensor of ``layout``: ``[g, h'] = m(grad, h; phi)`` coordinatewise.
 
@@ -173,6 +174,9 @@ def apply_rule(
         zero_grads: ``"update"`` or ``"skip"`` (see above).
         inplace: write the new states into ``states`` (call under ``torch.no_grad``); otherwise they are
             new tensors, differentiable in the rule's weights.
+        fused: with ``inplace``, a coordinatewise rule runs its :meth:`~UpdateRule.step_`, which may
+            be a fused kernel (:class:`~lightning_l2l.nets.CoordinatewiseLSTM` on CPU: the same updates
+            to float rounding); ``False``: its ``forward`` everywhere.
     """
     if zero_grads not in ZERO_GRADS:
         raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
@@ -197,7 +201,7 @@ def apply_rule(
             if shared:
                 update, h_new, bad = results[i]
             else:
-                update, h_new, bad = _step(rule, g, h, kind, chunk_size, zero_grads, inplace)
+                update, h_new, bad = _step(rule, g, h, kind, chunk_size, zero_grads, inplace, fused)
             nonfinite.append(bad)
             num_coords += g.numel()
             for e, u in zip(run, torch.split(update, [e.numel for e in run]), strict=True):
@@ -221,7 +225,14 @@ def apply_rule(
 
 
 def _step(
-    rule: UpdateRule, g: Tensor, h: Tensor, kind: str, chunk_size: int | None, zero_grads: str, inplace: bool
+    rule: UpdateRule,
+    g: Tensor,
+    h: Tensor,
+    kind: str,
+    chunk_size: int | None,
+    zero_grads: str,
+    inplace: bool,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The rule on one flat run: ``(update (n,), new state (n, ...), non-finite count)``."""
     finite = torch.isfinite(g)
@@ -234,8 +245,17 @@ def _step(
     update = torch.empty_like(g) if inplace and size < n else None  # chunks written into it
     updates: list[Tensor] = []
     states: list[Tensor] = []
+    # in place, an UpdateRule writes its state itself (a compiled network is a plain callable)
+    step_ = getattr(rule, "step_", None) if inplace and isinstance(rule, UpdateRule) else None
     for s in range(0, n, size):
         gc, hc = g[s : s + size], h[s : s + size]
+        if step_ is not None:
+            u = step_(gc, hc, kind, keep[s : s + size] if mask else None, fused=fused)  # (chunk,)
+            if update is not None:
+                update[s : s + u.numel()] = u
+            else:
+                updates.append(u)
+            continue
         u, hn = rule(gc, hc, kind)  # (chunk,), (chunk, *state_shape)
         if mask:
             ok = keep[s : s + size]

@@ -7,6 +7,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lightning_l2l.nets._fused import (
+    fused_lstm_forward,
+    fused_lstm_step,
+    fused_lstm_supports,
+    fused_lstm_trains,
+)
 from lightning_l2l.nets.base import DEFAULT_KIND, UpdateRule
 from lightning_l2l.nets.preprocess import PREPROCESSINGS, num_features, preprocess
 
@@ -70,7 +76,10 @@ class CoordinatewiseLSTM(UpdateRule):
     .. math::  [u_i, h_i'] = \\mathrm{LSTM}(\\mathrm{pre}(g_i), h_i; \\phi), \\qquad
                \\theta_i \\leftarrow \\theta_i + s \\cdot W_{out} u_i
 
-    All coordinates go through one batched call: the coordinate index is the batch dimension.
+    All coordinates go through one batched call: the coordinate index is the batch dimension. On CPU
+    in float32 the frozen step (:meth:`step_`) and the differentiable one (``forward`` with gradients
+    on, no autocast) run fused C kernels (:mod:`lightning_l2l.nets._fused`; the same numbers to float32
+    rounding); ``L2L_FUSED=0`` in the environment turns them off.
 
     Args:
         hidden_size: units per LSTM layer (paper: 20).
@@ -130,6 +139,8 @@ class CoordinatewiseLSTM(UpdateRule):
             raise ValueError(f"expected a flat (n,) gradient, got shape {tuple(grad.shape)}")
         if state.shape[0] != grad.shape[0]:
             raise ValueError(f"state holds {state.shape[0]} coordinates but the gradient has {grad.shape[0]}")
+        if fused_lstm_trains(self, grad, state):  # CPU, float32, differentiable: one autograd node (nets/_fused.py)
+            return fused_lstm_forward(self, grad, state)
         weight_dtype = self.out.weight.dtype
         x = preprocess(grad, self.preprocessing, self.p).to(weight_dtype)  # (n, features)
         state = state.to(weight_dtype)
@@ -140,3 +151,12 @@ class CoordinatewiseLSTM(UpdateRule):
             x = h
         update = self.out(x).squeeze(-1) * self.output_scale  # (n,)
         return update.to(grad.dtype), torch.stack(new_h, dim=1)  # (n,), (n, layers, 2, hidden)
+
+    def step_(
+        self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND, keep: Tensor | None = None, *, fused: bool = True
+    ) -> Tensor:
+        """The frozen step in place; on CPU in float32 one fused kernel (:mod:`lightning_l2l.nets._fused`)
+        where it builds, else :meth:`forward` (the same updates to float32 rounding)."""
+        if fused and grad.dim() == 1 and state.shape[0] == grad.shape[0] and fused_lstm_supports(self, grad, state):
+            return fused_lstm_step(self, grad, state, keep)
+        return super().step_(grad, state, kind, keep, fused=fused)

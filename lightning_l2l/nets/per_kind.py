@@ -64,6 +64,11 @@ class PerKindRule(UpdateRule):
     def forward(self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND) -> tuple[Tensor, Tensor]:
         return self.network_for(kind)(grad, state, kind)
 
+    def step_(
+        self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND, keep: Tensor | None = None, *, fused: bool = True
+    ) -> Tensor:
+        return self.network_for(kind).step_(grad, state, kind, keep, fused=fused)
+
     def shared_stages(self, kind: str = DEFAULT_KIND) -> int:
         return self.network_for(kind).shared_stages(kind)
 

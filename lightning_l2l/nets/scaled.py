@@ -57,6 +57,11 @@ class ScaledRule(UpdateRule):
         # the same operation as unroll's `u * lr`: bit-identical to running `rule` at lr=multiplier
         return update * self.multiplier, state
 
+    def step_(
+        self, grad: Tensor, state: Tensor, kind: str = DEFAULT_KIND, keep: Tensor | None = None, *, fused: bool = True
+    ) -> Tensor:
+        return self.rule.step_(grad, state, kind, keep, fused=fused) * self.multiplier  # a kept-out zero stays zero
+
     def shared_stages(self, kind: str = DEFAULT_KIND) -> int:
         return self.rule.shared_stages(kind)
 

@@ -51,6 +51,7 @@ class LearnedOptimizerCallback(Callback):
         zero_grads: ``"skip"`` (default) leaves a coordinate whose gradient is exactly zero untouched,
             ``"update"`` lets the rule move it (see :class:`LearnedOptimizer`).
         compile: run the network through ``torch.compile`` (default ``False``; see :class:`LearnedOptimizer`).
+        fused: the fused CPU step of the LSTM (default ``None``: where it runs; see :class:`LearnedOptimizer`).
         log_stats: log the per-step statistics (default ``True``).
     """
 
@@ -62,6 +63,7 @@ class LearnedOptimizerCallback(Callback):
         chunk_size: int | None = None,
         zero_grads: str = "skip",
         compile: bool = False,
+        fused: bool | None = None,
         log_stats: bool = True,
     ) -> None:
         super().__init__()
@@ -73,12 +75,15 @@ class LearnedOptimizerCallback(Callback):
             raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
         if not isinstance(compile, bool):
             raise ValueError(f"Invalid compile: {compile!r} (expected True or False)")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
         resolve(weights)  # an unknown name or a bad file fails here, before any training starts
         self.weights = weights
         self.lr = lr
         self.chunk_size = chunk_size
         self.zero_grads = zero_grads
         self.compile = compile
+        self.fused = fused
         self.log_stats = log_stats
         self.optimizer: LearnedOptimizer | None = None
         self.nonfinite_total = 0
@@ -133,6 +138,7 @@ class LearnedOptimizerCallback(Callback):
             chunk_size=self.chunk_size,
             zero_grads=self.zero_grads,
             compile=self.compile,
+            fused=self.fused,
         )
         trainer.strategy.optimizers = [self.optimizer]
         self._logged_step = trainer.global_step

@@ -19,12 +19,14 @@ from torch.optim import Optimizer
 from lightning_l2l.nets import (
     DEFAULT_KIND,
     ZERO_GRADS,
+    CoordinatewiseLSTM,
     KindLayout,
     UpdateRule,
     apply_rule,
     params_by_kind,
     shape_kind,
 )
+from lightning_l2l.nets._fused import fused_lstm_status
 from lightning_l2l.nets.kinds import portable_kind_map
 from lightning_l2l.pretrained import Weights, resolve
 
@@ -125,6 +127,11 @@ class LearnedOptimizer(Optimizer):
         compile: run the network through ``torch.compile`` (default ``False``). Updates equal the
             eager ones to float rounding. If compiling fails, the optimizer warns once and runs
             eagerly (an error the eager network raises too propagates).
+        fused: the fused step of :class:`~lightning_l2l.nets.CoordinatewiseLSTM` on CPU (a C kernel
+            built at first use with the system compiler; updates equal the eager ones to float32
+            rounding, several times faster: docs/usage.md). ``None`` (default): where it runs (CPU,
+            float32 state, a C compiler found, ``compile=False``), eager elsewhere. ``True``: the same,
+            but raise here if it cannot run on this machine. ``False``: always the eager network.
 
     Example::
 
@@ -145,6 +152,7 @@ class LearnedOptimizer(Optimizer):
         chunk_size: int | None = None,
         zero_grads: str = "skip",
         compile: bool = False,
+        fused: bool | None = None,
     ) -> None:
         _check_lr(lr)
         if kind is not None and not isinstance(kind, str):
@@ -155,13 +163,20 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"Invalid zero_grads: {zero_grads!r} (expected one of {ZERO_GRADS})")
         if not isinstance(compile, bool):
             raise ValueError(f"Invalid compile: {compile!r} (expected True or False)")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if fused and compile:
+            raise ValueError("fused=True and compile=True exclude each other: choose one (fused is faster on CPU)")
         rule, metadata = weights if isinstance(weights, _Resolved) else resolve(weights)
+        if fused:
+            _check_fused(rule)
         rule.requires_grad_(False).eval()
         self.rule: UpdateRule = rule
         self.weights_metadata: dict[str, Any] = metadata
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.zero_grads = zero_grads
         self.compile = compile
+        self.fused = fused
         self._fingerprint = {**_fingerprint(rule), "source": str(metadata.get("source", ""))}
         self._rules: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
         self._compiled: dict[tuple[torch.device, torch.dtype], Callable[..., tuple[Tensor, Tensor]]] = {}
@@ -192,7 +207,7 @@ class LearnedOptimizer(Optimizer):
             kind_map: routing of layer kinds to the rule's kinds (e.g. ``{"conv.bias": "fc"}``).
                 ``None``: the routing recorded with the weights (their ``kind_map`` metadata, less the
                 entries that name parameters of the meta-training network), else none. ``{}``: none.
-            **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``, ``zero_grads``, ``compile``).
+            **kwargs: the constructor's keyword arguments (``lr``, ``chunk_size``, ``zero_grads``, ``compile``, ``fused``).
         """
         resolved = _Resolved(*resolve(weights))
         if kind_map is None:
@@ -278,6 +293,7 @@ class LearnedOptimizer(Optimizer):
                     chunk_size=self._chunk(device),
                     zero_grads=self.zero_grads,
                     inplace=True,
+                    fused=self.fused is not False and not self.compile,  # compile=True falls back to forward
                 )
                 if not out.updates:
                     continue
@@ -401,12 +417,13 @@ class LearnedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("rule", "weights_metadata", "chunk_size", "zero_grads", "compile", "_fingerprint"):
+        for key in ("rule", "weights_metadata", "chunk_size", "zero_grads", "compile", "fused", "_fingerprint"):
             state[key] = self.__dict__[key]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("compile", False)  # pickled before the options existed
+        state.setdefault("fused", None)
         state.setdefault("zero_grads", "update")
         super().__setstate__(state)
         self._rules, self._compiled, self._buffers, self.last_stats = {}, {}, {}, {}
@@ -444,6 +461,20 @@ def _compiled(
             return out
 
     return call
+
+
+def _check_fused(rule: UpdateRule) -> None:
+    """``fused=True``: the rule must hold a :class:`CoordinatewiseLSTM` and its kernel must build here."""
+    lstms = [m for m in rule.modules() if isinstance(m, CoordinatewiseLSTM)]
+    if not lstms:
+        raise ValueError(
+            f"fused=True, but the rule ({type(rule).__name__}) has no CoordinatewiseLSTM, the one network with a "
+            "fused step; leave fused=None"
+        )
+    for lstm in lstms:
+        why = fused_lstm_status(lstm)
+        if why is not None:
+            raise RuntimeError(f"fused=True, but the fused step cannot run here: {why}; or pass fused=None (eager)")
 
 
 def _shares_coordinates(rule: UpdateRule) -> bool:

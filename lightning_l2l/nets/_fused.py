@@ -1,0 +1,355 @@
+"""The fused steps of :class:`~lightning_l2l.nets.CoordinatewiseLSTM` on CPU: small C kernels.
+
+The eager network spends most of a frozen step outside its FLOPs: skinny ``(n, 22) x (22, 80)``
+products, a dozen elementwise passes over ``(n, 80)`` gates, and the state stacked and copied back
+(``benchmarks/step_time.py``). ``_kernels/lstm_step.c`` does one coordinate at a time in
+registers and writes the state in place, so a step costs its FLOPs, the gates' activations and one
+pass over the state. It is built here with the system C compiler (``cc``, or ``$CC``) at its first
+use, for this CPU (``-march=native``), into a cache directory (``$L2L_KERNEL_CACHE``, else
+``~/.cache/lightning_l2l/kernels``), and loaded with :mod:`ctypes`. Without a compiler, or on other
+devices and dtypes, the eager network runs: same updates to float32 rounding (``tests/test_fused.py``).
+
+With gradients on (meta-training), :func:`fused_lstm_forward` is the network as one autograd node: the
+same kernel saves the gates for ``l2l_lstm_backward``, which gives the gradients of the state and of
+the weights (docs/implementation.md). ``L2L_FUSED=0`` in the environment turns every fused path off.
+
+A call releases the GIL (ctypes does), so a run of coordinates is split over
+``torch.get_num_threads()`` Python threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_l2l.nets.lstm import CoordinatewiseLSTM
+
+__all__ = ["fused_lstm_status", "fused_lstm_step", "fused_lstm_supports", "fused_lstm_trains", "fused_lstm_forward"]
+
+_SOURCE = Path(__file__).with_name("_kernels") / "lstm_step.c"
+#: floats per vector lane group the packed weights are padded to (the widest vector the kernel uses)
+_PAD = 16
+#: fewest coordinates worth a thread of their own
+_MIN_PER_THREAD = 4096
+# the first that builds wins (clang on Apple CPUs wants -mcpu); not without either: built for a baseline CPU
+# (x86-64's SSE2) the kernel is slower than the eager network (docs/implementation.md)
+_FLAGS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"])
+_P = ctypes.c_void_p
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("L2L_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home) / "lightning_l2l" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (a shared cache may serve several machines)."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name", "Features", "CPU part")):
+                    text += line
+                if line.strip() == "":
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return text
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name.split()[0]):
+            return name
+    return None
+
+
+@functools.cache
+def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, str]:
+    """``(the kernels for this network shape, "")``, or ``(None, why not)``."""
+    if os.environ.get("L2L_FUSED") == "0":
+        return None, "turned off by L2L_FUSED=0"
+    if sys.platform == "win32":
+        return None, "the fused kernel is built with a Unix C compiler; not on Windows"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (install gcc or clang, or set CC)"
+    source = _SOURCE.read_bytes()
+    defines = [f"-DH={hidden}", f"-DL={layers}", f"-DNIN={nin}"]
+    errors = []
+    for flags in _FLAGS:
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags + defines).encode(),
+                                         _cpu_id().encode()])).hexdigest()[:20]
+        target = _cache_dir() / f"lstm_step_{key}.so"
+        if not target.exists():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+                os.close(fd)
+                cmd = [*cc.split(), *flags, *defines, "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+                if out.returncode != 0:
+                    os.unlink(tmp)
+                    errors.append(f"{' '.join(cmd)}: {out.stderr.strip()[-500:]}")
+                    continue
+                os.replace(tmp, target)  # atomic: processes building at once do not see half a file
+            except (OSError, subprocess.SubprocessError) as err:
+                errors.append(f"{type(err).__name__}: {err}")
+                continue
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as err:
+            errors.append(f"loading {target}: {err}")
+            continue
+        f, i64 = ctypes.c_float, ctypes.c_int64
+        lib.l2l_lstm_step.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
+        lib.l2l_lstm_forward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
+        lib.l2l_lstm_backward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, f]
+        for fn in (lib.l2l_lstm_step, lib.l2l_lstm_forward, lib.l2l_lstm_backward):
+            fn.restype = None
+        return lib, ""
+    return None, "building the fused kernel failed: " + " | ".join(errors)
+
+
+def _shape(rule: CoordinatewiseLSTM) -> tuple[int, int, int]:
+    return rule.hidden_size, rule.num_layers, 2 if rule.preprocessing == "log_sign" else 1
+
+
+def fused_lstm_status(rule: CoordinatewiseLSTM | None = None) -> str | None:
+    """``None`` if the fused kernel runs here (for ``rule``'s shape, default the paper's), else why not.
+
+    Builds the kernel if it is not built yet.
+    """
+    shape = _shape(rule) if rule is not None else (20, 2, 2)
+    return _library(*shape)[1] or None
+
+
+def fused_lstm_supports(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor) -> bool:
+    """Whether :func:`fused_lstm_step` computes this call (else the eager network must)."""
+    weight = rule.out.weight
+    return (
+        state.device.type == "cpu"
+        and state.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and grad.device.type == "cpu"
+        and grad.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and state.is_contiguous()
+        and state.shape[1:] == (rule.num_layers, 2, rule.hidden_size)
+        and not (torch.is_grad_enabled() and (grad.requires_grad or state.requires_grad or weight.requires_grad))
+        and _library(*_shape(rule))[0] is not None
+    )
+
+
+# the packed weights of each rule, rebuilt when a weight changes (by identity or in place)
+_packed: weakref.WeakKeyDictionary[CoordinatewiseLSTM, tuple[tuple[int, ...], _Packed]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+class _Packed(NamedTuple):
+    """A rule's weights as the kernels read them (``_kernels/lstm_step.c``, the Args of each)."""
+
+    w: Tensor  # per layer (inputs + hidden, width): [W_ifo; W_g]^T times -s, columns zero-padded
+    b: Tensor  # per layer (width,), times -s
+    act: Tensor  # (2, width): a, c
+    wo: Tensor  # (hidden,)
+    bo: float
+    wt: Tensor  # the backward's: per layer (4 hidden, KPAD) [W_ifo; W_g], rows zero-padded
+
+
+def _weights(rule: CoordinatewiseLSTM) -> _Packed:
+    params = list(rule.parameters())
+    key = tuple(x for p in params for x in (id(p), p.data_ptr(), p._version))
+    with _lock:
+        hit = _packed.get(rule)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    hidden, nin = rule.hidden_size, _shape(rule)[2]
+    width = -(-4 * hidden // _PAD) * _PAD
+    kpad = -(-(hidden + max(nin, hidden)) // _PAD) * _PAD
+    # a gate's activation is a * sigmoid(s z) + c: sigmoid for i, f, o (s = a = 1, c = 0), and for the cell
+    # input g tanh(z) = 2 sigmoid(2 z) - 1; the kernel takes -s z, so the weights and biases are packed times
+    # -s (exact: a power of two)
+    s = torch.ones(width)
+    s[3 * hidden : 4 * hidden] = 2.0
+    a, c = s.clone(), torch.zeros(width)
+    c[3 * hidden : 4 * hidden] = -1.0
+    pad = torch.nn.functional.pad
+    with torch.no_grad():
+        ws, bs, wts = [], [], []
+        for cell in rule.cells:
+            w = torch.cat([cell.weight_ifo, cell.weight_g]).float()  # (4 hidden, inputs + hidden): i, f, o, g
+            ws.append(pad(w.t(), (0, width - 4 * hidden)).mul(-s).reshape(-1))
+            wts.append(pad(w, (0, kpad - w.shape[1])).reshape(-1))
+            b = torch.cat([cell.bias_ifo, cell.bias_g])  # (4 hidden,)
+            bs.append(pad(b.float(), (0, width - 4 * hidden)).mul(-s))
+        packed = _Packed(torch.cat(ws).contiguous(), torch.cat(bs).contiguous(), torch.cat([a, c]).contiguous(),
+                         rule.out.weight.detach().float().reshape(-1).contiguous(), float(rule.out.bias),
+                         torch.cat(wts).contiguous())
+    with _lock:
+        _packed[rule] = (key, packed)
+    return packed
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < threads:  # type: ignore[attr-defined]
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="l2l-fused")
+        return _pool
+
+
+def _parallel(n: int, run: Callable[[int, int], None]) -> None:
+    """``run(start, stop)`` over ``[0, n)``, split over ``torch.get_num_threads()`` threads (ctypes releases the GIL)."""
+    parts = max(1, min(torch.get_num_threads(), n // _MIN_PER_THREAD))
+    if parts == 1:
+        run(0, n)
+        return
+    bounds = [n * i // parts for i in range(parts + 1)]
+    futures = [_executor(parts).submit(run, a, z) for a, z in zip(bounds[:-1], bounds[1:], strict=True)]
+    for f in futures:
+        f.result()
+
+
+def fused_lstm_step(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor, keep: Tensor | None = None) -> Tensor:
+    """One frozen step of ``rule`` on ``(n,)`` ``grad``: writes the new state into ``state``, returns the update.
+
+    ``keep``: ``(n,)`` bool, ``False`` where a coordinate gets no update and keeps its state.
+    Call only where :func:`fused_lstm_supports` holds.
+    """
+    lib = _library(*_shape(rule))[0]
+    assert lib is not None
+    pk = _weights(rule)
+    g = grad.detach().to(torch.float32).contiguous()
+    k = None if keep is None else keep.to(torch.bool).contiguous().view(torch.uint8)
+    n = g.numel()
+    update = torch.empty(n, dtype=torch.float32)
+    row = state[0].numel() if n else 0
+    scale, p = float(rule.output_scale), float(rule.p)
+
+    def run(start: int, stop: int) -> None:
+        lib.l2l_lstm_step(stop - start, g.data_ptr() + 4 * start, None if k is None else k.data_ptr() + start,
+                          state.data_ptr() + 4 * row * start, update.data_ptr() + 4 * start,
+                          pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(), pk.wo.data_ptr(), pk.bo, scale, p)
+
+    _parallel(n, run)
+    return update.to(grad.dtype)
+
+
+# ------------------------------------------------------------------------------ differentiable
+
+
+def fused_lstm_trains(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor) -> bool:
+    """Whether :func:`fused_lstm_forward` computes this differentiable call: CPU, float32, no autocast,
+    a gradient that is an input (no second derivatives), the kernels built."""
+    weight = rule.out.weight
+    return (
+        torch.is_grad_enabled()
+        and (state.requires_grad or weight.requires_grad)
+        and not grad.requires_grad
+        and not torch.is_autocast_enabled("cpu")
+        and state.device.type == "cpu"
+        and state.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and grad.device.type == "cpu"
+        and grad.dtype == torch.float32
+        and state.shape[1:] == (rule.num_layers, 2, rule.hidden_size)
+        and _library(*_shape(rule))[0] is not None
+    )
+
+
+def fused_lstm_forward(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """``rule(grad, state)`` through the kernels, differentiable in the state and the weights (the gradient
+    is an input: Andrychowicz et al. drop its derivative). Call only where :func:`fused_lstm_trains` holds."""
+    params = [p for cell in rule.cells for p in (cell.weight_ifo, cell.bias_ifo, cell.weight_g, cell.bias_g)]
+    return _FusedLSTM.apply(rule, grad.contiguous(), state.contiguous(), rule.out.weight, rule.out.bias, *params)
+
+
+class _FusedLSTM(torch.autograd.Function):
+    """The network as one autograd node: the forward kernel saves the gates, the backward kernel turns
+    their gradients into the state's, and two matmuls per layer give the weights' (``dz^T [x, h]``)."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
+        lib = _library(*_shape(rule))[0]
+        assert lib is not None
+        pk = _weights(rule)
+        hidden, layers, nin = _shape(rule)
+        n = grad.numel()
+        new_state = torch.empty_like(state)
+        save = torch.empty(n, nin + layers * 5 * hidden)  # (coords, input + layers x (i, f, o, g, tanh c))
+        update = torch.empty(n)
+        row, srow = state[0].numel() if n else 0, save.shape[1]
+        scale, p = float(rule.output_scale), float(rule.p)
+
+        def run(start: int, stop: int) -> None:
+            lib.l2l_lstm_forward(stop - start, grad.data_ptr() + 4 * start, state.data_ptr() + 4 * row * start,
+                                 new_state.data_ptr() + 4 * row * start, save.data_ptr() + 4 * srow * start,
+                                 update.data_ptr() + 4 * start, pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(),
+                                 pk.wo.data_ptr(), pk.bo, scale, p)
+
+        _parallel(n, run)
+        ctx.rule, ctx.packed = rule, pk
+        ctx.save_for_backward(save, state, new_state)
+        return update, new_state
+
+    @staticmethod
+    def backward(ctx: Any, g_update: Tensor | None, g_state: Tensor | None) -> tuple[Tensor | None, ...]:
+        rule: CoordinatewiseLSTM = ctx.rule
+        pk: _Packed = ctx.packed
+        save, state, new_state = ctx.saved_tensors
+        lib = _library(*_shape(rule))[0]
+        hidden, layers, nin = _shape(rule)
+        n = state.shape[0]
+        scale = float(rule.output_scale)
+        gu = torch.zeros(n) if g_update is None else g_update.float().contiguous()
+        gs = None if g_state is None else g_state.float().contiguous()
+        g_in = torch.empty_like(state)
+        row, srow = state[0].numel() if n else 0, save.shape[1]
+        krows = -(-(hidden + max(nin, hidden)) // 4) * 4  # KROWS of the kernel: the bias row's index
+        width = pk.b.numel() // layers
+        parts: list[Tensor] = []
+
+        def run(start: int, stop: int) -> None:
+            gw = torch.zeros(layers, krows + 1, width)  # this part's sums: (layer, input k or bias, gate)
+            parts.append(gw)
+            lib.l2l_lstm_backward(stop - start, save.data_ptr() + 4 * srow * start, state.data_ptr() + 4 * row * start,
+                                  new_state.data_ptr() + 4 * row * start, gu.data_ptr() + 4 * start,
+                                  None if gs is None else gs.data_ptr() + 4 * row * start,
+                                  g_in.data_ptr() + 4 * row * start, gw.data_ptr(), pk.wt.data_ptr(), pk.wo.data_ptr(),
+                                  scale)
+
+        _parallel(n, run)
+        gw = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        grads: list[Tensor] = []
+        for layer in range(layers):
+            k = (nin if layer == 0 else hidden) + hidden
+            w = gw[layer, :k, : 4 * hidden].t()  # (4 hidden, inputs + hidden)
+            b = gw[layer, krows, : 4 * hidden]
+            grads += [w[: 3 * hidden], b[: 3 * hidden], w[3 * hidden :], b[3 * hidden :]]
+        gu_scaled = gu * scale
+        g_out_w = (gu_scaled @ new_state[:, layers - 1, 0]).reshape(1, hidden)
+        g_out_b = gu_scaled.sum().reshape(1)
+        return None, None, g_in, g_out_w, g_out_b, *grads
