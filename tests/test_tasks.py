@@ -300,5 +300,8 @@ def test_module_task_eval_data_is_the_reported_loss(regression_data) -> None:
     assert plain.eval_loss(params) is None
     expected = nn.functional.mse_loss(module(x[12:]), y[12:])
     torch.testing.assert_close(held.eval_loss(params), expected.detach())
-    assert not held.eval_loss(params).requires_grad
+    tracked = {n: p.detach().requires_grad_() for n, p in params.items()}
+    with torch.no_grad():  # as curves call it: no graph
+        assert not held.eval_loss(tracked).requires_grad
+    assert held.eval_loss(tracked).requires_grad  # with one: differentiable (the log_eval meta-objective)
     assert held.to("cpu").eval_inputs.device.type == "cpu"
