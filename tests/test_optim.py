@@ -42,7 +42,7 @@ def _run(opt: torch.optim.Optimizer, task, params: dict[str, torch.Tensor], step
 # ------------------------------------------------------------------------------------ contract
 def test_docstring_defaults():
     sig = inspect.signature(LearnedOptimizer.__init__)
-    assert sig.parameters["weights"].default == "quadratic"
+    assert sig.parameters["weights"].default == "general"
     assert sig.parameters["lr"].default == 1.0
     assert sig.parameters["kind"].default is None
     assert sig.parameters["chunk_size"].default is None
@@ -51,7 +51,7 @@ def test_docstring_defaults():
     for name in ("lr", "kind", "chunk_size", "compile"):
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     doc = LearnedOptimizer.__doc__
-    assert 'Default: ``"quadratic"``' in doc and "default ``1.0``" in doc
+    assert 'Default: ``"general"``' in doc and "default ``1.0``" in doc
     assert "Default ``None``: 16384 on CPU" in doc and "524288 on GPUs" in doc
     assert "Andrychowicz" in doc
 

@@ -199,12 +199,15 @@ def test_callback_resume_matches_uninterrupted_run(tmp_path, weights):
 
 
 @pytest.mark.skipif(not SHIPPED, reason="needs the shipped quadratic weights")
-def test_callback_trains_with_shipped_weights(tmp_path):
+@pytest.mark.parametrize(("weights", "steps"), [("quadratic", 40), (None, 200)])
+def test_callback_trains_with_shipped_weights(tmp_path, weights, steps):
+    """The paper's LSTM (``quadratic``) and the default (``general``: Adam-sized steps, so more of them)."""
     L.seed_everything(0)
     model = UserModel()
     x, y = next(iter(model.train_dataloader()))
     before = float(F.mse_loss(model.net(x), y))
-    _trainer(tmp_path, max_steps=40, callbacks=[LearnedOptimizerCallback()]).fit(model)
+    callback = LearnedOptimizerCallback() if weights is None else LearnedOptimizerCallback(weights=weights)
+    _trainer(tmp_path, max_steps=steps, callbacks=[callback]).fit(model)
     assert float(F.mse_loss(model.net(x), y)) < 0.5 * before
 
 

@@ -45,7 +45,7 @@ class LearnedOptimizerCallback(Callback):
 
     Args:
         weights: as for :class:`LearnedOptimizer`: a shipped name, a ``.safetensors`` path or a
-            ``MetaLearner`` ``.ckpt`` (default ``"quadratic"``).
+            ``MetaLearner`` ``.ckpt`` (default ``"general"``).
         lr: multiplier of the learned update (default ``1.0``).
         chunk_size: coordinates per network call (default ``None``: 16384 on CPU, 524288 on GPUs).
         zero_grads: ``"skip"`` (default) leaves a coordinate whose gradient is exactly zero untouched,
@@ -57,7 +57,7 @@ class LearnedOptimizerCallback(Callback):
 
     def __init__(
         self,
-        weights: Weights = "quadratic",
+        weights: Weights = "general",
         *,
         lr: float = 1.0,
         chunk_size: int | None = None,

@@ -117,7 +117,7 @@ class LearnedOptimizer(Optimizer):
         params: parameters or param groups; a group may set ``kind`` and ``lr``.
         weights: a shipped name (:func:`lightning_l2l.pretrained.available`), a ``.safetensors``
             file exported by ``l2l export`` (its ``.json`` beside it), a ``MetaLearner`` ``.ckpt``,
-            or an ``UpdateRule`` (copied). Default: ``"quadratic"``.
+            or an ``UpdateRule`` (copied). Default: ``"general"``.
         lr: multiplier of the learned update, a number or a 1-element tensor (default ``1.0``: the
             update the rule was meta-trained with); learning-rate schedulers act on it.
         kind: the kind of every group that does not set its own (default ``None``: by shape).
@@ -145,7 +145,7 @@ class LearnedOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        weights: Weights = "quadratic",
+        weights: Weights = "general",
         *,
         lr: float | Tensor = 1.0,
         kind: str | None = None,
@@ -192,7 +192,7 @@ class LearnedOptimizer(Optimizer):
     def from_module(
         cls,
         module: nn.Module,
-        weights: Weights = "quadratic",
+        weights: Weights = "general",
         *,
         params: Iterable[Tensor] | None = None,
         kind_map: Mapping[str, str] | None = None,
