@@ -308,39 +308,6 @@ def summary(results: dict, args: argparse.Namespace) -> str:
 
 
 # ------------------------------------------------------------------------------------ selection
-def _val_rule_losses(rule, task, at: Sequence[int], lr: float) -> list[float]:
-    """Held-out loss of a frozen rule on a validation task after each number of steps in ``at``."""
-    from lightning_l2l.trajectory import Trajectory, unroll
-
-    out, done = [], 0
-    with torch.inference_mode(False):
-        traj = Trajectory.start(rule, task)
-        for n in at:
-            unroll(rule, traj, n - done, differentiable=False, lr=lr, zero_grads="skip")
-            done = n
-            with torch.no_grad():
-                out.append(float(task.eval_loss(traj.params)) / task.num_problems)
-    return out
-
-
-def _val_baseline_losses(name: str, lr: float, task, at: Sequence[int]) -> list[float]:
-    """The same for a torch baseline (what ``evaluation.baseline_final_loss`` runs, recorded at ``at``)."""
-    out = []
-    with torch.inference_mode(False), torch.enable_grad():
-        params = {n: p.requires_grad_() for n, p in task.init_params().items()}
-        opt = BASELINES[name](list(params.values()), lr)
-        for step in range(max(at) + 1):
-            if step in at:
-                with torch.no_grad():
-                    out.append(float(task.eval_loss(params)) / task.num_problems)
-            if step == max(at):
-                break
-            opt.zero_grad(set_to_none=True)
-            task.loss(params, step).backward()
-            opt.step()
-    return out
-
-
 def _candidates(args: argparse.Namespace) -> list[tuple[str, Callable[[], object]]]:
     """``(label, make_rule)`` for every ``--select`` entry x ``--select-decay``: checkpoints / weights, or
     ``init:LR`` (a fresh ``MomentMLP`` at ``lr=LR`` with its head at zero: clipped Adam, the rule's start)."""
@@ -371,17 +338,19 @@ def _candidates(args: argparse.Namespace) -> list[tuple[str, Callable[[], object
 
 def select(args: argparse.Namespace) -> None:
     """Candidates on GeneralFamily('val') tasks: log(rule / Adam(1e-3)) at each recorded step <= --select-steps."""
+    from lightning_l2l.evaluation import baseline_losses_at
     from lightning_l2l.tasks import GeneralFamily
+    from lightning_l2l.trajectory import rule_losses_at
 
     family = GeneralFamily("val", data_dir=args.data_dir)
     g = torch.Generator().manual_seed(77)
     tasks = [family.sample(g) for _ in range(args.select_tasks)]
-    at = [s for s in RECORD if s < args.select_steps] + [args.select_steps]
+    at = recorded(args.select_steps)
 
     def reference(lr: float) -> list[list[float]]:  # Adam on the validation tasks, cached: every call needs it
         source = "installed" if args.data_dir is None else Path(args.data_dir).name
         return [json_cached(args.select_cache, f"general-val-{source}-77-{i}-adam-{lr!r}-{at}",
-                            functools.partial(_val_baseline_losses, "adam", lr, t, at)) for i, t in enumerate(tasks)]
+                            lambda t=t: baseline_losses_at("adam", lr, t, at).tolist()) for i, t in enumerate(tasks)]
 
     adam = reference(1e-3)
 
@@ -401,7 +370,7 @@ def select(args: argparse.Namespace) -> None:
         show(f"Adam {lr:g}", reference(lr))
     for label, build in _candidates(args):
         for m in args.select_lrs:
-            losses = [_val_rule_losses(build(), t, at, m) for t in tasks]
+            losses = [rule_losses_at(build(), t, at, lr=m, zero_grads="skip").tolist() for t in tasks]
             show(label if m == 1.0 else f"{label} x{m:g}", losses)
 
 
@@ -411,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--weights", nargs="*", default=["conv", "mnist"], help="shipped names or paths (none: baselines only)")
+    parser.add_argument("--weights", nargs="*", default=["general", "conv"], help="shipped names or paths (none: baselines only)")
     parser.add_argument("--baselines", nargs="+", default=["sgd", "nag", "rmsprop", "adam"], choices=list(BASELINES))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--val-seeds", type=int, default=2)

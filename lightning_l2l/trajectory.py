@@ -10,6 +10,7 @@ are treated as inputs (``d grad_t / d phi = 0``, section 2) unless ``second_deri
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from lightning_l2l.tasks import BatchedTask, Task
 
 __all__ = [
     "OBJECTIVES", "STEP_WEIGHTS", "Trajectory", "UnrollResult", "step_weight", "unroll", "rule_curve", "frozen_run",
-    "rule_final_loss",
+    "rule_final_loss", "rule_losses_at",
 ]
 
 #: meta-objectives :func:`unroll` can return: the paper's mean loss, or the mean log loss
@@ -178,9 +179,7 @@ def unroll(
             elif i > 0:
                 term = loss * scale if differentiable else loss.detach() * scale
                 if members is not None:  # a meta-batch: the mean of each member's log loss per problem
-                    per = members if differentiable else members.detach()
-                    sizes = per.new_tensor([t.num_problems for t in task.tasks])  # type: ignore[attr-defined]
-                    term = torch.log((per / sizes).clamp_min(LOG_LOSS_FLOOR)).mean()
+                    term = _mean_log_per_problem(members if differentiable else members.detach(), task)
                 elif objective == "log_mean":
                     term = torch.log(term.clamp_min(LOG_LOSS_FLOOR))
                 if horizon is not None and step_weights != "uniform":  # horizon: checked above
@@ -215,21 +214,24 @@ def unroll(
     return UnrollResult(meta_loss, curve_t, bool(torch.isfinite(curve_t).all()))
 
 
+def _mean_log_per_problem(losses: Tensor, task: Task) -> Tensor:
+    """The mean over a meta-batch's members (``losses``: one each) of ``log(loss / num_problems)``; a single
+    task is a meta-batch of one. What makes both log objectives weigh every member alike."""
+    members = task.tasks if isinstance(task, BatchedTask) else [task]
+    sizes = losses.new_tensor([t.num_problems for t in members])
+    return torch.log((losses.reshape(len(members)) / sizes).clamp_min(LOG_LOSS_FLOOR)).mean()
+
+
 def _log_eval_term(task: Task, params: dict[str, Tensor], differentiable: bool) -> Tensor:
     """The ``log_eval`` objective's term: the log held-out loss per problem (each member's, averaged)."""
     with torch.set_grad_enabled(differentiable):
-        if isinstance(task, BatchedTask):
-            per = task.member_eval_losses(params)
-            sizes = None if per is None else per.new_tensor([t.num_problems for t in task.tasks])
-        else:
-            value = task.eval_loss(params)
-            per, sizes = (None, None) if value is None else (value.reshape(1), float(task.num_problems))
-    if per is None:
+        losses = task.member_eval_losses(params) if isinstance(task, BatchedTask) else task.eval_loss(params)
+    if losses is None:
         raise ValueError(
             f"objective='log_eval' needs a task with a held-out eval_loss, and {type(task).__name__} defines "
             "none; use objective='log_mean', or a task family whose tasks hold out examples (e.g. GeneralFamily)"
         )
-    term = torch.log((per / sizes).clamp_min(LOG_LOSS_FLOOR)).mean()
+    term = _mean_log_per_problem(losses, task)
     if differentiable and not term.requires_grad and any(p.requires_grad for p in params.values()):
         raise ValueError(
             f"objective='log_eval': {type(task).__name__}.eval_loss returned a loss without a graph; it must be "
@@ -294,3 +296,27 @@ def rule_final_loss(
     """``rule_curve(rule, task, num_steps, device, lr)[-1]`` at about half the cost (:func:`frozen_run`):
     what checkpoint selection and the tuning of an update multiplier look at."""
     return frozen_run(rule, task, num_steps, device, lr, zero_grads)[1]
+
+
+def rule_losses_at(
+    rule: UpdateRule,
+    task: Task,
+    steps: Sequence[int],
+    device: torch.device | str | None = None,
+    lr: float = 1.0,
+    zero_grads: str = "update",
+) -> Tensor:
+    """``rule_curve(rule, task, max(steps), ...)[steps]`` with the ``eval_loss`` computed at those steps only
+    (one frozen run, continued from each step to the next): ``(len(steps),)`` for increasing ``steps``."""
+    if list(steps) != sorted(set(steps)) or not steps or steps[0] < 0:
+        raise ValueError(f"Invalid steps: {list(steps)} (expected increasing step counts >= 0)")
+    out, done = [], 0
+    with torch.inference_mode(False):
+        traj = Trajectory.start(rule, task, device)
+        for n in steps:
+            curve = unroll(rule, traj, n - done, differentiable=False, lr=lr, zero_grads=zero_grads).curve
+            done = n
+            with torch.no_grad():
+                recorded = task.eval_loss(traj.params)
+            out.append(curve[-1] if recorded is None else recorded.detach() * (1.0 / task.num_problems))
+    return torch.stack(out)

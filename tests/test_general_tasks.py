@@ -171,3 +171,21 @@ def test_meta_learner_trains_on_the_held_out_loss(tmp_path) -> None:
         trainer().fit(MetaLearner(MomentMLP(), QuadraticFamily(dim=3), horizon=4, unroll=4, meta_objective="log_eval"))
     with pytest.raises(ValueError, match="Invalid eval_every"):
         MetaLearner(MomentMLP(), QuadraticFamily(dim=3), horizon=4, unroll=4, eval_every=-2)
+
+
+def test_losses_at_some_steps_are_the_curves_there() -> None:
+    """rule_losses_at / baseline_losses_at: the held-out losses of rule_curve / baseline_curve at the given
+    steps, with eval_loss computed there only; steps must increase."""
+    from lightning_l2l.evaluation import baseline_curve, baseline_losses_at
+    from lightning_l2l.trajectory import rule_curve, rule_losses_at
+
+    task = _tasks(1, seed=8)[0]
+    rule = MomentMLP(lr=3e-3, zero_init=False)
+    steps = [0, 3, 7]
+    torch.testing.assert_close(rule_losses_at(rule, task, steps), rule_curve(rule, task, 7)[steps])
+    torch.testing.assert_close(baseline_losses_at("adam", 1e-2, task, steps), baseline_curve("adam", 1e-2, task, 7)[steps])
+    for bad in ([3, 3], [5, 2], []):
+        with pytest.raises(ValueError, match="Invalid steps"):
+            rule_losses_at(rule, task, bad)
+        with pytest.raises(ValueError, match="Invalid steps"):
+            baseline_losses_at("adam", 1e-2, task, bad)

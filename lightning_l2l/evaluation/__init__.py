@@ -6,6 +6,7 @@ from lightning_l2l.evaluation.baselines import (
     TunedBaseline,
     baseline_curve,
     baseline_final_loss,
+    baseline_losses_at,
     tune_baseline,
 )
 from lightning_l2l.evaluation.cache import digest, json_cached, rule_fingerprint
@@ -17,6 +18,7 @@ __all__ = [
     "TunedBaseline",
     "baseline_curve",
     "baseline_final_loss",
+    "baseline_losses_at",
     "tune_baseline",
     "LEARNED",
     "Comparison",

@@ -7,7 +7,7 @@ validation tasks, then the baseline is run on test tasks it was not tuned on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ def baseline_curve(
     Records the task's ``eval_loss`` (e.g. the full-data loss) where it defines one, else the
     step's loss. A run that turns non-finite stays non-finite (``inf``) from that step on.
     """
-    return _run_baseline(name, lr, task, num_steps, device, eval_every_step=True)
+    return _run_baseline(name, lr, task, num_steps, device, eval_at=None)
 
 
 def baseline_final_loss(
@@ -47,13 +47,24 @@ def baseline_final_loss(
     """``baseline_curve(name, lr, task, num_steps)[-1]`` without the ``eval_loss`` of every step before
     it (what tuning and checkpoint-selection scripts look at; the twin of
     :func:`~lightning_l2l.trajectory.rule_final_loss`)."""
-    return _run_baseline(name, lr, task, num_steps, device, eval_every_step=False)[-1]
+    return _run_baseline(name, lr, task, num_steps, device, eval_at={num_steps})[-1]
+
+
+def baseline_losses_at(
+    name: str, lr: float, task: Task, steps: Sequence[int], device: torch.device | str | None = None
+) -> Tensor:
+    """``baseline_curve(name, lr, task, max(steps))[steps]`` with the ``eval_loss`` computed at those steps
+    only (the twin of :func:`~lightning_l2l.trajectory.rule_losses_at`): ``(len(steps),)``."""
+    if list(steps) != sorted(set(steps)) or not steps or steps[0] < 0:
+        raise ValueError(f"Invalid steps: {list(steps)} (expected increasing step counts >= 0)")
+    return _run_baseline(name, lr, task, steps[-1], device, eval_at=set(steps))[list(steps)]
 
 
 def _run_baseline(
-    name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None, eval_every_step: bool
+    name: str, lr: float, task: Task, num_steps: int, device: torch.device | str | None,
+    eval_at: Collection[int] | None,
 ) -> Tensor:
-    """:func:`baseline_curve`; with ``eval_every_step=False`` only the last entry is the ``eval_loss``
+    """:func:`baseline_curve`; with ``eval_at`` only the entries at those steps are the ``eval_loss``
     (the others are the steps' losses), which is all tuning needs and spares a full-data pass per step."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; available: {sorted(BASELINES)}")
@@ -65,7 +76,7 @@ def _run_baseline(
             opt.zero_grad(set_to_none=True)
             loss = task.loss(params, step)
             recorded = None
-            if eval_every_step or step == num_steps:
+            if eval_at is None or step in eval_at:
                 with torch.no_grad():
                     recorded = task.eval_loss(params)  # e.g. the full-data loss; None: the step's loss
             value = (loss if recorded is None else recorded).detach() / task.num_problems
