@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lightning_l2l.tasks.images import FASHION_MNIST_DIR
+from lightning_l2l.tasks.images import FASHION_MNIST_DIR, FASHION_MNIST_ENV
 
 __all__ = [
     "FASHION_SAMPLE_DIR",
@@ -104,7 +104,8 @@ def allow_fake_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
 def config_data_args(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Extra ``l2l`` arguments for ``config``: families reading CIFAR-10 get a fake copy's ``data_dir``;
     families reading Fashion-MNIST from its default place get the committed sample's where the full set
-    is absent (the same loader and splits on 2,000 real images; the header of the run says so)."""
+    is absent (the same loader and splits on 2,000 real images; the header of the run says so), and a
+    mixture that holds examples of it out holds out 100, not more than the sample's pool."""
     model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
     args = []
     cifar = False
@@ -116,6 +117,12 @@ def config_data_args(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
             cifar = True
         elif init.get("dataset") == "fashion_mnist" and init.get("data_dir") is None and not full_fashion_mnist():
             args.append(f"--model.{key}.init_args.data_dir={FASHION_SAMPLE_DIR}")
+        if "fashion_mnist" in (init.get("datasets") or ()) and isinstance(init.get("heldout"), int) \
+                and not isinstance(init.get("heldout"), bool) and not full_fashion_mnist():
+            # the sample's train pool holds 1,000 images: hold out 100 of each pool, not the config's 1,000
+            args.append(f"--model.{key}.init_args.heldout=100")
+    if not full_fashion_mnist():  # nested families (mixtures) read the default folder: point it at the sample
+        monkeypatch.setenv(FASHION_MNIST_ENV, str(FASHION_SAMPLE_DIR))
     if cifar:
         write_fake_cifar10(tmp_path / "fake_cifar10")
         allow_fake_cifar10(monkeypatch)

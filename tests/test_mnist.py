@@ -436,3 +436,21 @@ def test_eval_split_trains_on_one_pool_and_reports_the_loss_on_another() -> None
         MNISTFamily(heldout=10, eval_split="test")
     with pytest.raises(ValueError, match="Invalid eval_split"):
         MNISTFamily(eval_split="dev")
+
+
+def test_mixture_family_draws_each_family_as_weighted_and_is_a_pure_function_of_the_generator() -> None:
+    from lightning_l2l.tasks import MixtureFamily
+
+    a, b = QuadraticFamily(dim=2, num_functions=1), QuadraticFamily(dim=3, num_functions=1)
+    mix = MixtureFamily([a, b], weights=[1, 3])
+    dims = [mix.sample(torch.Generator().manual_seed(s)).init_params()["theta"].shape[-1] for s in range(400)]
+    assert 0.15 < dims.count(2) / 400 < 0.35  # weight 1 of 4
+    t1, t2 = (mix.sample(torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(t1.init_params()["theta"], t2.init_params()["theta"])
+    assert all(MixtureFamily([a, b], weights=[0, 1]).sample(torch.Generator().manual_seed(s)).init_params()["theta"]
+               .shape[-1] == 3 for s in range(20))
+    for bad, message in (([], "empty"), ([a, "x"], "TaskFamily")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            MixtureFamily(bad)
+    with pytest.raises(ValueError, match="Invalid weights"):
+        MixtureFamily([a, b], weights=[1])

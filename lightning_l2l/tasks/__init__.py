@@ -4,6 +4,7 @@ from lightning_l2l.tasks.base import Task, TaskFamily
 from lightning_l2l.tasks.batched import BatchedTask
 from lightning_l2l.tasks.conv import ConvFamily, ConvTask
 from lightning_l2l.tasks.general import GeneralFamily, GeneralTask
+from lightning_l2l.tasks.mixture import MixtureFamily
 from lightning_l2l.tasks.mnist import MNISTFamily, MNISTMixtureFamily, MNISTTask
 from lightning_l2l.tasks.module import ModuleTask, ModuleTaskFamily
 from lightning_l2l.tasks.quadratic import QuadraticFamily, QuadraticTask
@@ -19,6 +20,7 @@ __all__ = [
     "MNISTTask",
     "MNISTFamily",
     "MNISTMixtureFamily",
+    "MixtureFamily",
     "ConvTask",
     "ConvFamily",
     "GeneralFamily",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from lightning_l2l.tasks.splits import stratified_split
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
+    "FASHION_MNIST_ENV",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_CLASSES",
     "CIFAR10_CLASSES",
@@ -48,6 +50,8 @@ __all__ = [
 DATASETS = ("fashion_mnist", "cifar10", "mnist")
 #: where the Debian package ``dataset-fashion-mnist`` installs the idx files
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: an environment variable naming another default folder of the Fashion-MNIST idx files
+FASHION_MNIST_ENV = "L2L_FASHION_MNIST_DIR"
 #: ``{train: (images, labels)}`` file names (``.gz`` or uncompressed)
 FASHION_MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -155,12 +159,14 @@ def load_images(dataset: str = "fashion_mnist", data_dir: str | None = None, tra
 
     Args:
         dataset: ``"fashion_mnist"`` or ``"cifar10"``.
-        data_dir: Fashion-MNIST: folder of the idx files (default :data:`FASHION_MNIST_DIR`);
+        data_dir: Fashion-MNIST: folder of the idx files (default: the environment variable
+            ``L2L_FASHION_MNIST_DIR`` where set, else :data:`FASHION_MNIST_DIR`);
             CIFAR-10: torchvision's root (required).
         train: training set, else test set.
     """
     if dataset == "fashion_mnist":
-        return fashion_mnist(None if data_dir is None else str(data_dir), bool(train))
+        root = data_dir if data_dir is not None else os.environ.get(FASHION_MNIST_ENV) or None
+        return fashion_mnist(None if root is None else str(root), bool(train))
     if dataset == "cifar10":
         if data_dir is None:
             raise ValueError(
