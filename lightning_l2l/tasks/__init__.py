@@ -7,6 +7,7 @@ from lightning_l2l.tasks.general import GeneralFamily, GeneralTask
 from lightning_l2l.tasks.mixture import MixtureFamily
 from lightning_l2l.tasks.mnist import MNISTFamily, MNISTMixtureFamily, MNISTTask
 from lightning_l2l.tasks.module import ModuleTask, ModuleTaskFamily
+from lightning_l2l.tasks.neural_art import NeuralArtFamily, NeuralArtTask
 from lightning_l2l.tasks.quadratic import QuadraticFamily, QuadraticTask
 
 __all__ = [
@@ -25,4 +26,6 @@ __all__ = [
     "ConvFamily",
     "GeneralFamily",
     "GeneralTask",
+    "NeuralArtFamily",
+    "NeuralArtTask",
 ]
