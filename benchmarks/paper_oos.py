@@ -20,7 +20,7 @@ and Adam at 1e-3, untuned. A baseline run whose loss turns non-finite counts as 
 
 **--select KIND GLOBS** scores candidate rules (checkpoints or weights) on validation tasks only:
 ``mnist``: the base network (784-20-10 sigmoid) on digits and on Fashion-MNIST, and the same with ReLU
-(reported, and scored only for rules meta-trained on ReLU too: ``--select-relu``); ``conv``: the four
+(shown; ``--select-relu score`` scores them too, ``no`` leaves them out); ``conv``: the four
 meta-training architectures of configs/conv_oos.yaml. Score: the mean over tasks and steps (mnist: 100 and
 200; conv: 100) of log(rule / best tuned baseline); lower is better. The rule to report is the lowest score.
 ``--multipliers`` scores each candidate also with its updates scaled (the paper runs rules at 1).
@@ -35,7 +35,9 @@ initialisation and minibatches), mean ± s.e.m.; writes ``--out``/{KIND}.md and 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
+import hashlib
 import json
 import math
 import statistics
@@ -46,7 +48,7 @@ from pathlib import Path
 import torch
 
 from lightning_l2l.evaluation import baseline_losses_at
-from lightning_l2l.evaluation.cache import json_cached
+from lightning_l2l.evaluation.cache import digest, json_cached, rule_fingerprint
 from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import ConvFamily, MNISTFamily, TaskFamily
 from lightning_l2l.trajectory import rule_losses_at
@@ -78,12 +80,13 @@ def conv(dataset: str, channels: Sequence[int], eval_split: str = "val") -> Conv
     return ConvFamily(dataset=dataset, channels=list(channels), eval_split=eval_split, eval_size=None, **CONV)
 
 
-def select_problems(kind: str, relu: bool) -> dict[str, tuple[Callable[[str], TaskFamily], bool]]:
+def select_problems(kind: str, relu: str) -> dict[str, tuple[Callable[[str], TaskFamily], bool]]:
     """name -> (family for a pool, scored?)."""
     if kind == "mnist":
         out = {f"{d} sigmoid": (lambda s, d=d: mlp(d, eval_split=s), True) for d in ("mnist", "fashion_mnist")}
-        out |= {f"{d} relu": (lambda s, d=d: mlp(d, activation="relu", eval_split=s), relu)
-                for d in ("mnist", "fashion_mnist")}
+        if relu != "no":
+            out |= {f"{d} relu": (lambda s, d=d: mlp(d, activation="relu", eval_split=s), relu == "score")
+                    for d in ("mnist", "fashion_mnist")}
         return out
     return {f"{d} {'x'.join(map(str, c))}": (lambda s, d=d, c=c: conv(d, c, s), True)
             for d, c in (("fashion_mnist", (8, 8, 8)), ("fashion_mnist", (16, 16)), ("mnist", (8, 8)),
@@ -153,6 +156,15 @@ def rule_runs(rule_path: str, tasks: list, steps: Sequence[int], lr: float = 1.0
         losses = rule_losses_at(rule, t, list(steps), lr=lr)
         out.append([float(x) if torch.isfinite(x) else math.inf for x in losses])
     return out
+
+
+def weights_key(path: str) -> str:
+    """What a rule's cached runs depend on: the bytes of its weights file (a shipped name: its .safetensors)
+    and what the code computes from them (:func:`rule_fingerprint`)."""
+    from lightning_l2l.pretrained import PRETRAINED_DIR, available
+
+    file = PRETRAINED_DIR / f"{path}.safetensors" if path in available() else Path(path)
+    return digest([path, hashlib.sha256(file.read_bytes()).hexdigest(), rule_fingerprint(resolve(path)[0])])
 
 
 def candidates(globs: Sequence[str]) -> list[str]:
@@ -247,7 +259,8 @@ def report(args: argparse.Namespace) -> dict:
         rows = tuned_losses(cache, f"{key}-test{args.seeds}", tasks, lrs, psteps)
         for w in args.weights:
             path, _, mult = w.partition("@")
-            runs = rule_runs(path, tasks, psteps, float(mult or 1.0))
+            runs = json_cached(cache, f"{key}-test{args.seeds}-rule-{weights_key(path)}-{float(mult or 1.0)!r}-{list(psteps)}",
+                               functools.partial(rule_runs, path, tasks, psteps, float(mult or 1.0)))
             rows[w] = [[r[i] for r in runs] for i in range(len(psteps))]
         res = {"steps": list(psteps), "lrs": {n: {s: v[0] for s, v in d.items()} for n, d in lrs.items()},
                "grid_edge": sorted({n for n, d in lrs.items() for v in d.values() if v[1]}),
@@ -311,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     mode.add_argument("--report", choices=sorted(STEPS), help="the final report on test pools")
     parser.add_argument("--weights", nargs="+", default=[],
                         help="--report: shipped names, .safetensors or .ckpt, each optionally @MULTIPLIER")
-    parser.add_argument("--select-relu", action="store_true", help="--select mnist: score the ReLU networks too")
+    parser.add_argument("--select-relu", choices=("no", "show", "score"), default="show",
+                        help="--select mnist: the ReLU networks: leave out, show (default) or score too")
     parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0],
                         help="--select: update multipliers to score each candidate at (export one with l2l export --lr)")
     parser.add_argument("--tune-tasks", type=int, default=3)
