@@ -10,6 +10,11 @@ updates of ``LearnedOptimizer(lr=M)`` with the checkpoint's rule, at ``lr=1``); 
 validation tasks, never on the tasks a claim is measured on (``benchmarks/conv_select.py --lrs``).
 ``--lr conv=5.62,fc=1.33`` gives each network of a ``PerKindRule`` its own multiplier, and a rule with
 one network a copy of it per named kind (:func:`~lightning_l2l.nets.scale_rule`).
+
+    l2l export --weights mnist --out my_mnist --lr 0.4       # exported weights again, at a multiplier
+
+``--weights`` (a shipped name or a ``.safetensors`` file) instead of ``--ckpt`` re-exports weights already
+exported, at ``--lr``, keeping their metadata.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from lightning_l2l.nets import WeightsError, parse_multiplier, save_rule, scale_
 from lightning_l2l.nets.kinds import check_kind_map
 from lightning_l2l.pretrained import rule_from_checkpoint
 
-__all__ = ["rule_from_checkpoint", "export_checkpoint", "main"]
+__all__ = ["rule_from_checkpoint", "export_checkpoint", "export_weights", "main"]
 
 
 def export_checkpoint(
@@ -70,9 +75,41 @@ def export_checkpoint(
     return save_rule(rule, out, metadata)
 
 
+def export_weights(
+    weights: str | Path,
+    out: str | Path,
+    command: str | None = None,
+    lr: float | Mapping[str, float] | None = None,
+) -> Path:
+    """Re-export weights already exported (a shipped name or a ``.safetensors`` file) at update multiplier
+    ``lr`` (as :func:`export_checkpoint`'s ``lr``): its metadata is kept, ``update_multiplier`` multiplied
+    into any it had, ``source_weights`` names what it came from and ``command`` is the one given."""
+    from lightning_l2l.pretrained import resolve
+
+    rule, metadata = resolve(str(weights))
+    metadata = {k: v for k, v in metadata.items() if k != "source"}
+    if lr is not None:
+        try:
+            rule = scale_rule(rule, lr)
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"--lr {lr}: {err}") from err
+        previous = metadata.get("update_multiplier")
+        if isinstance(lr, Mapping) or isinstance(previous, Mapping):
+            metadata["update_multiplier"] = {"previous": previous, "applied": dict(lr) if isinstance(lr, Mapping) else float(lr)}
+        else:
+            metadata["update_multiplier"] = float(lr) * (1.0 if previous is None else float(previous))
+    metadata["source_weights"] = str(weights)
+    if command:
+        metadata["command"] = command
+    return save_rule(rule, out, metadata)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="l2l export", description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a MetaLearner checkpoint (.ckpt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a MetaLearner checkpoint (.ckpt)")
+    source.add_argument("--weights", help="or weights already exported (a shipped name or a .safetensors file), "
+                        "to re-export at an update multiplier (--lr)")
     parser.add_argument("--out", required=True, help="output path without extension (writes OUT.safetensors, OUT.json)")
     parser.add_argument("--command", default=None, help="the command that reproduces the checkpoint, stored as metadata")
     parser.add_argument("--lr", default=None,
@@ -92,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     except json.JSONDecodeError as err:
         raise SystemExit(f"l2l export: --kind-map is not JSON ({err}); e.g. '{{\"conv.bias\": \"fc\"}}'") from None
     try:
-        path = export_checkpoint(args.ckpt, args.out, args.command, lr, kind_map)
+        if args.weights is not None:
+            if kind_map is not None:
+                raise SystemExit("l2l export: --kind-map applies to --ckpt only (exported weights keep their routing)")
+            path = export_weights(args.weights, args.out, args.command, lr)
+        else:
+            path = export_checkpoint(args.ckpt, args.out, args.command, lr, kind_map)
     except WeightsError as err:
         raise SystemExit(f"l2l export: {err}") from None
     print(f"wrote {path} and {path.with_suffix('.json')}")

@@ -291,6 +291,24 @@ def test_export_at_per_kind_update_multipliers(tmp_path):
         torch.testing.assert_close(rule(grad, state, kind)[0], reference(grad, state, kind)[0] * m, rtol=0, atol=0)
 
 
+def test_export_re_exports_shipped_weights_at_a_multiplier(tmp_path):
+    """``l2l export --weights NAME --lr M``: the shipped rule at M times its updates, its metadata kept and
+    the multiplier recorded; an unknown name is refused with the names there are, and nothing is written."""
+    main(["export", "--weights", "quadratic", "--out", str(tmp_path / "q"), "--lr", "0.4", "--command", "c"])
+    rule, meta = load_rule(tmp_path / "q")
+    reference, ref_meta = load_rule(ROOT / "lightning_l2l" / "pretrained" / "quadratic.safetensors")
+    assert isinstance(rule, ScaledRule) and meta["update_multiplier"] == 0.4 and meta["source_weights"] == "quadratic"
+    assert meta["command"] == "c" and meta.get("global_step") == ref_meta.get("global_step")
+    grad = torch.randn(50)
+    state = rule.init_state(50)
+    torch.testing.assert_close(rule(grad, state)[0], reference(grad, state)[0] * 0.4, rtol=0, atol=0)
+    main(["export", "--weights", str(tmp_path / "q.safetensors"), "--out", str(tmp_path / "q2"), "--lr", "0.5"])
+    assert load_rule(tmp_path / "q2")[1]["update_multiplier"] == pytest.approx(0.2)
+    with pytest.raises(SystemExit, match="unknown weights 'nope'"):
+        main(["export", "--weights", "nope", "--out", str(tmp_path / "nope"), "--lr", "2"])
+    assert not list(tmp_path.glob("nope*"))
+
+
 def test_export_refuses_a_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
