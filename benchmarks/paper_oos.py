@@ -197,7 +197,7 @@ def select(args: argparse.Namespace) -> None:
         lrs = tune(cache, f"{key}-tune{args.tune_tasks}", tune_tasks, steps)
         base = tuned_losses(cache, f"{key}-score{args.select_tasks}", tasks, lrs, steps)
         best = [min(statistics.fmean(base[f"{n} (tuned)"][i]) for n in BASELINES) for i in range(len(steps))]
-        per_problem[pname] = (tasks, best, base, lrs)
+        per_problem[pname] = (tasks, best)
         print(f"{pname}: tuned " + ", ".join(f"{n} {v[steps[-1]][0]:.3g}{'!' if v[steps[-1]][1] else ''}"
                                               for n, v in lrs.items())
               + " | best tuned mean loss " + ", ".join(f"@{s} {b:.4f}" for s, b in zip(steps, best, strict=True))
@@ -210,7 +210,7 @@ def select(args: argparse.Namespace) -> None:
     for path, lr in ((p, m) for p in candidates(args.select[1:]) for m in args.multipliers):
         label = path if lr == 1.0 else f"{path} x{lr:g}"
         cells, score = [], []
-        for pname, (tasks, best, _, _) in per_problem.items():
+        for pname, (tasks, best) in per_problem.items():
             runs = rule_runs(path, tasks, steps, lr)
             for i in range(len(steps)):
                 mean = statistics.fmean(r[i] for r in runs)

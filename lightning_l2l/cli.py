@@ -100,15 +100,7 @@ def stylize(
     from tqdm import tqdm
 
     from lightning_l2l.optim import LearnedOptimizer
-    from lightning_l2l.tasks.neural_art import (
-        INITS,
-        NeuralArtFamily,
-        NeuralArtTask,
-        gram_matrix,
-        load_image,
-        resize_crop,
-    )
-    from lightning_l2l.tasks.vgg import vgg16_features
+    from lightning_l2l.tasks.neural_art import INITS, NeuralArtFamily, NeuralArtTask, load_image, resize_crop
 
     if optimizer not in ("learned", "adam"):
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected 'learned' or 'adam')")
@@ -116,15 +108,13 @@ def stylize(
         raise ValueError(f"Invalid size {size} or steps {steps} (expected size >= 8 pixels, steps >= 0)")
     if init not in INITS:
         raise ValueError(f"Invalid init: {init!r} (expected one of {INITS})")
-    family = NeuralArtFamily(size=size, style=style, content_weight=content_weight, tv_weight=tv_weight)
-    net = vgg16_features(vgg_weights, family.last_layer)
-    style_image = resize_crop(load_image(style), size)
-    with torch.no_grad():
-        grams = {k: gram_matrix(v)[0] for k, v in net(style_image[None], family.style_layers).items()}
+    family = NeuralArtFamily(size=size, style=style, content_weight=content_weight, tv_weight=tv_weight,
+                             vgg_weights=vgg_weights)
     content_image = resize_crop(load_image(content), size)
     theta0 = content_image.clone() if init == "content" else torch.rand(
         content_image.shape, generator=torch.Generator().manual_seed(seed))
-    task = NeuralArtTask(net, content_image, grams, theta0, family.content_layers, content_weight, tv_weight)
+    task = NeuralArtTask(family.net(), content_image, family.style_grams(), theta0, family.content_layers,
+                         content_weight, tv_weight)
     image = torch.nn.Parameter(task.init_params()["image"])
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam([image], lr=0.03 if lr is None else lr)

@@ -28,7 +28,6 @@ style, and ``dalmatian``, the new style of the generalisation test) and are neve
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from lightning_l2l.tasks.base import Task, TaskFamily
 from lightning_l2l.tasks.splits import SPLITS
-from lightning_l2l.tasks.vgg import LAYERS, VGGFeatures, vgg16_features
+from lightning_l2l.tasks.vgg import LAYERS, VGGFeatures, package_dir, vgg16_features
 
 __all__ = [
     "STYLES",
@@ -80,14 +79,8 @@ def total_variation(image: Tensor) -> Tensor:
     return dy.pow(2).mean() + dx.pow(2).mean()
 
 
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)  # a top-level name: nothing is imported
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    return Path(folders[0]) if folders else None
-
-
 def _foolbox_data() -> Path:
-    folder = _package_dir("foolbox")
+    folder = package_dir("foolbox")
     if folder is None or not (folder / "data").is_dir():
         raise FileNotFoundError(f"the offline neural-art images (foolbox/data/imagenet_*.jpg) are not installed; {_FOOLBOX_HINT}")
     return folder / "data"
@@ -100,7 +93,7 @@ def resolve_image(image: str | os.PathLike) -> Path:
         return _foolbox_data() / STYLES[text]
     if text in IMAGES:
         package, rel = IMAGES[text]
-        folder = _package_dir(package)
+        folder = package_dir(package)
         if folder is None:
             raise FileNotFoundError(f"built-in image {text!r} needs the package {package}")
         return folder / rel
@@ -327,20 +320,22 @@ class NeuralArtFamily(TaskFamily):
             self._cache["grams"] = {k: gram_matrix(v)[0] for k, v in feats.items()}
         return self._cache["grams"]  # type: ignore[return-value]
 
-    def _source(self, i: int) -> Tensor:
-        """Source photograph ``i`` of the split, ``(3, h, w)``, read once."""
+    def _split_sources(self) -> list[Path]:
+        """:meth:`sources`, listed once per family."""
         if "sources" not in self._cache:
             self._cache["sources"], self._cache["images"] = self.sources(), {}
+        return self._cache["sources"]  # type: ignore[return-value]
+
+    def _source(self, i: int) -> Tensor:
+        """Source photograph ``i`` of the split, ``(3, h, w)``, read once."""
+        files = self._split_sources()
         images: dict[int, Tensor] = self._cache["images"]  # type: ignore[assignment]
         if i not in images:
-            images[i] = load_image(self._cache["sources"][i])  # type: ignore[index]
+            images[i] = load_image(files[i])
         return images[i]
 
     def sample(self, generator: torch.Generator) -> NeuralArtTask:
-        if "sources" not in self._cache:
-            self._cache["sources"], self._cache["images"] = self.sources(), {}
-        n = len(self._cache["sources"])  # type: ignore[arg-type]
-        i = int(torch.randint(n, (1,), generator=generator))
+        i = int(torch.randint(len(self._split_sources()), (1,), generator=generator))
         scale, top, left = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
         side = round(self.size * (1 + scale * (self.max_scale - 1)))
         content = resize_crop(self._source(i), self.size, side, top, left)

