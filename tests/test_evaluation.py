@@ -80,6 +80,30 @@ def test_sgd_baseline_matches_learned_sgd(quadratic_task64: QuadraticTask) -> No
     assert_close(baseline_curve("sgd", 0.05, quadratic_task64, 10), learned, rtol=1e-12, atol=1e-12)
 
 
+def test_lbfgs_baseline_is_torch_lbfgs_one_evaluation_per_step(quadratic_task64: QuadraticTask) -> None:
+    """The "lbfgs" baseline is torch.optim.LBFGS(max_iter=1) driven the usual way, with a closure: one
+    gradient per step (curvature pairs kept across steps), the same losses step for step."""
+    params = {n: p.clone().requires_grad_() for n, p in quadratic_task64.init_params().items()}
+    opt = torch.optim.LBFGS(list(params.values()), lr=0.5, max_iter=1, history_size=10)
+    calls = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        opt.zero_grad()
+        loss = quadratic_task64.loss(params)
+        loss.backward()
+        return loss
+
+    expected = []
+    for _ in range(8):
+        expected.append(float(opt.step(closure)) / quadratic_task64.num_problems)
+    assert calls == 8
+    curve = baseline_curve("lbfgs", 0.5, quadratic_task64, 8)
+    assert_close(curve[:8], torch.tensor(expected, dtype=curve.dtype), rtol=1e-10, atol=1e-12)
+    assert curve[-1] < 0.5 * curve[0]
+
+
 def test_diverging_lr_gives_inf(quadratic_task: QuadraticTask) -> None:
     """A learning rate that diverges ends in inf (and stays non-finite) instead of raising."""
     curve = baseline_curve("sgd", 1e3, quadratic_task, 40)

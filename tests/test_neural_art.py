@@ -221,3 +221,50 @@ def test_stylize_refuses_unknown_weights_and_images(tmp_path):
     with pytest.raises(SystemExit, match="no image 'nothing.png'"):
         main([*args, "--content", "nothing.png"])
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------- benchmarks/neural_art.py
+@needs_vgg
+@needs_images
+def test_benchmark_report_shrunk(tmp_path, monkeypatch):
+    """benchmarks/neural_art.py end to end on tiny images: every baseline tuned on validation images (its lr the
+    grid's best there), the rule and the baselines run on test images, tables, curves, triples, W&B offline;
+    a second report reads every run from the cache."""
+    from lightning_l2l.nets import CoordinatewiseLSTM, save_rule
+    from tests.benchmark_scripts import load_benchmark
+
+    na = load_benchmark("neural_art")
+    monkeypatch.setattr(na, "CONDITIONS", {"train_style_64": (16, "stained_glass", 1, 2),
+                                           "new_style_128": (24, "dalmatian", 1, 2)})
+    monkeypatch.setattr(na, "STEPS", 4)
+    monkeypatch.setattr(na, "REPORT_STEPS", (0, 2, 4))
+    monkeypatch.setattr(na, "DECADES", {n: (-2, 0) for n in na.BASELINES})
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    torch.manual_seed(0)
+    weights = save_rule(CoordinatewiseLSTM(hidden_size=4), tmp_path / "rule")
+    args = ["--weights", str(weights), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            "--wandb-dir", str(tmp_path / "wandb")]
+    na.main(args)
+    out = tmp_path / "out"
+    text = (out / "README.md").read_text()
+    for name in ("learned", *na.BASELINES, "adam 1e-3"):
+        assert text.count(f"| {name} |") == 2, name  # one row per condition
+    for condition in na.CONDITIONS:
+        assert (out / f"triple_{condition}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curves.png").is_file()
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert len(rows) == na.STEPS + 2 and rows[0].count(",") == 2 * (len(na.BASELINES) + 2)
+    assert list((tmp_path / "wandb").rglob("*.wandb")), "no offline W&B run"
+    # the tuned rate of a baseline is the lowest mean validation loss among those scored
+    val = na.tasks("train_style_64", "val")
+    best, scores = na.tune(tmp_path / "cache", "train_style_64", val, "adam", None)
+    assert scores[best] == min(scores.values()) and len(scores) >= 3 + 4
+    # the second report computes nothing: every run comes from the cache
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached run")
+
+    monkeypatch.setattr(na, "baseline_curve", fail)
+    monkeypatch.setattr(na, "baseline_final_loss", fail)
+    monkeypatch.setattr(na, "rule_curve", fail)
+    na.main([*args, "--wandb", "disabled"])
+    assert (out / "README.md").read_text() == text

@@ -24,6 +24,9 @@ BASELINES: dict[str, OptimizerFactory] = {
     "nag": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
     "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    # one gradient per step like the others (no line search: it would spend several), curvature pairs kept
+    # across steps; what style-transfer users reach for (issue: neural art)
+    "lbfgs": lambda params, lr: torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=10),
 }
 
 #: 10^-5 ... 10^1 in steps of 10^0.25 (25 values)
@@ -86,7 +89,10 @@ def _run_baseline(
                 break
             if step < num_steps:
                 loss.backward()
-                opt.step()
+                if isinstance(opt, torch.optim.LBFGS):
+                    opt.step(lambda loss=loss: loss)  # max_iter=1: it reads .grad once, never calls the closure again
+                else:
+                    opt.step()
     return torch.stack(curve).cpu()
 
 
