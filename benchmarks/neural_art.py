@@ -209,7 +209,8 @@ def report(args: argparse.Namespace) -> str:
     lines = [f"# Neural art: learned rule vs tuned baselines on held-out photographs ({STEPS} steps)", "",
              f"Rule: `{args.weights}`. Command: `python benchmarks/neural_art.py --weights {args.weights}`.",
              "Mean ± s.e.m. over test content images (crops of the 3 test photographs); baselines tuned on "
-             "validation images; ratio: at step 128, over the best tuned baseline.", ""]
+             "validation images; ratio: at step 128, over the best tuned baseline; paired: the mean over test images "
+             "of (loss - best tuned baseline's loss) at step 128 ± its standard error.", ""]
     mean_curves: dict[str, dict[str, list[float]]] = {}
     labels: dict[str, dict[str, str]] = {}
     csv_rows: dict[str, list[float]] = {}
@@ -223,8 +224,8 @@ def report(args: argparse.Namespace) -> str:
         finals = {n: statistics.fmean(r[-1] for r in rs) for n, rs in runs.items()}
         best = min(BASELINES, key=lambda n: finals[n])
         lines += [f"## {TITLES[condition]} ({len(test)} test images)", "",
-                  "| optimizer | lr | " + " | ".join(f"step {s}" for s in REPORT_STEPS) + " | / best tuned @128 | images won vs best |",
-                  "|---|---|" + "---|" * len(REPORT_STEPS) + "---|---|"]
+                  "| optimizer | lr | " + " | ".join(f"step {s}" for s in REPORT_STEPS) + " | / best tuned @128 | minus best, paired | images won vs best |",
+                  "|---|---|" + "---|" * len(REPORT_STEPS) + "---|---|---|"]
         mean_curves[condition], labels[condition] = {}, {}
         for name in sorted(runs, key=finals.__getitem__):
             rs = runs[name]
@@ -234,7 +235,9 @@ def report(args: argparse.Namespace) -> str:
                 m, e = mean_sem([r[s] for r in rs])
                 cells.append(f"{m:.4g} ± {e:.2g}")
             wins = sum(a[-1] < b[-1] for a, b in zip(rs, runs[best], strict=True))
-            lines.append(f"| {name} | {lr} | " + " | ".join(cells) + f" | {finals[name] / finals[best]:.3f} | {wins}/{len(rs)} |")
+            diff, diff_se = mean_sem([a[-1] - b[-1] for a, b in zip(rs, runs[best], strict=True)])
+            lines.append(f"| {name} | {lr} | " + " | ".join(cells) + f" | {finals[name] / finals[best]:.3f} | "
+                         f"{diff:+.4f} ± {diff_se:.4f} | {wins}/{len(rs)} |")
             mean_curves[condition][name] = [statistics.fmean(r[s] for r in rs) for s in range(STEPS + 1)]
             labels[condition][name] = name if lr == "-" else f"{name} (lr {lr})"
             csv_rows[f"{condition}/{name}"] = mean_curves[condition][name]

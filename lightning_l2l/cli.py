@@ -78,7 +78,7 @@ def stylize(
     content: str,
     style: str,
     out: str | Path,
-    weights: str = "general",
+    weights: str = "neural_art",
     size: int = 128,
     steps: int = 128,
     optimizer: str = "learned",
@@ -153,8 +153,8 @@ def stylize_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--content", required=True, help="content image: a path, or a built-in name (grace_hopper)")
     parser.add_argument("--style", required=True, help="style image: a path, or a built-in name (stained_glass, dalmatian)")
     parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--weights", default="general",
-                        help="learned rule: a shipped name or a .safetensors / MetaLearner .ckpt path (default: general)")
+    parser.add_argument("--weights", default="neural_art",
+                        help="learned rule: a shipped name or a .safetensors / MetaLearner .ckpt path (default: neural_art, meta-trained on this loss)")
     parser.add_argument("--size", type=int, default=128, help="side of the square image in pixels (default 128)")
     parser.add_argument("--steps", type=int, default=128, help="optimisation steps (default 128)")
     parser.add_argument("--optimizer", choices=("learned", "adam"), default="learned",

@@ -211,6 +211,27 @@ def test_stylize_writes_a_png(tmp_path, optimizer, weights, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@needs_vgg
+@needs_images
+def test_stylize_defaults_to_the_shipped_neural_art_rule(tmp_path):
+    """Without --weights, l2l stylize runs the shipped `neural_art` rule (meta-trained on this loss): the same
+    image as --weights neural_art, another than --weights general."""
+    from PIL import Image
+
+    from lightning_l2l.cli import main
+
+    args = ["stylize", "--content", "grace_hopper", "--style", "stained_glass", "--size", "16", "--steps", "4",
+            "--no-progress"]
+    pixels = {}
+    for name, extra in (("default", []), ("neural_art", ["--weights", "neural_art"]), ("general", ["--weights", "general"])):
+        out = tmp_path / f"{name}.png"
+        main([*args, *extra, "--out", str(out)])
+        with Image.open(out) as im:
+            pixels[name] = torch.tensor(list(im.getdata()))
+    assert torch.equal(pixels["default"], pixels["neural_art"])
+    assert not torch.equal(pixels["default"], pixels["general"])
+
+
 def test_stylize_refuses_unknown_weights_and_images(tmp_path):
     from lightning_l2l.cli import main
 
@@ -254,6 +275,7 @@ def test_benchmark_report_shrunk(tmp_path, monkeypatch):
     assert (out / "curves.png").is_file()
     rows = (out / "curves.csv").read_text().splitlines()
     assert len(rows) == na.STEPS + 2 and rows[0].count(",") == 2 * (len(na.BASELINES) + 2)
+    assert text.count("| learned | - |") == 2 and "minus best, paired" in text
     assert list((tmp_path / "wandb").rglob("*.wandb")), "no offline W&B run"
     # the tuned rate of a baseline is the lowest mean validation loss among those scored
     val = na.tasks("train_style_64", "val")
