@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_l2l import LearnedOptimizer
-from lightning_l2l.evaluation import BASELINES
+from lightning_l2l.evaluation import BASELINES, PAPER_BASELINES
 from lightning_l2l.evaluation.cache import json_cached
 from lightning_l2l.tasks.mnist import mnist_5k
 
@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--weights", nargs="*", default=["general", "conv"], help="shipped names or paths (none: baselines only)")
-    parser.add_argument("--baselines", nargs="+", default=["sgd", "nag", "rmsprop", "adam"], choices=list(BASELINES))
+    parser.add_argument("--baselines", nargs="+", default=list(PAPER_BASELINES), choices=list(PAPER_BASELINES))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--val-seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1000)

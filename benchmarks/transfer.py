@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.evaluation import BASELINES, DEFAULT_LR_GRID, baseline_final_loss, tune_baseline
+from lightning_l2l.evaluation import DEFAULT_LR_GRID, PAPER_BASELINES, baseline_final_loss, tune_baseline
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.pretrained import available, resolve
 from lightning_l2l.tasks import ModuleTask
@@ -117,7 +117,7 @@ def run_problem(problem: str, rules: dict[str, UpdateRule], horizon: int, num_va
     finals: dict[str, list[float]] = {}
     lrs: dict[str, float | None] = {}
     edge: list[str] = []  # tuned at the smallest or largest rate of the grid: widen it
-    for name in BASELINES:
+    for name in PAPER_BASELINES:
         tuned = tune_baseline(name, val, horizon, lr_grid)
         lrs[name] = tuned.lr
         if tuned.at_grid_edge:
@@ -134,13 +134,13 @@ def run_problem(problem: str, rules: dict[str, UpdateRule], horizon: int, num_va
             if best_m in (RULE_LR_GRID[0], RULE_LR_GRID[-1]):
                 edge.append(w + TUNED)
             finals[w + TUNED] = [float(rule_final_loss(rule, t, horizon, lr=best_m)) for t in test]
-    best = min(BASELINES, key=lambda b: statistics.fmean(finals[b]))
+    best = min(PAPER_BASELINES, key=lambda b: statistics.fmean(finals[b]))
     rows = []
     for name, values in finals.items():
         mean = statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.inf
         diff, se = mean_sem([a - b for a, b in zip(values, finals[best], strict=True)])
         rows.append({
-            "optimizer": name, "learned": name not in BASELINES, "lr": lrs[name], "lr_at_grid_edge": name in edge,
+            "optimizer": name, "learned": name not in PAPER_BASELINES, "lr": lrs[name], "lr_at_grid_edge": name in edge,
             "mean_final_loss": mean,
             "x_best_baseline": mean / statistics.fmean(finals[best]), "diff_vs_best": diff, "diff_se": se,
             "diverged": sum(1 for v, i in zip(values, initial, strict=True) if not math.isfinite(v) or v > i),

@@ -3,6 +3,7 @@
 from lightning_l2l.evaluation.baselines import (
     BASELINES,
     DEFAULT_LR_GRID,
+    PAPER_BASELINES,
     TunedBaseline,
     baseline_curve,
     baseline_final_loss,
@@ -15,6 +16,7 @@ from lightning_l2l.evaluation.comparison import LEARNED, Comparison, compare, me
 __all__ = [
     "BASELINES",
     "DEFAULT_LR_GRID",
+    "PAPER_BASELINES",
     "TunedBaseline",
     "baseline_curve",
     "baseline_final_loss",

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_l2l.tasks import Task
 
-__all__ = ["BASELINES", "DEFAULT_LR_GRID", "baseline_curve", "tune_baseline", "TunedBaseline"]
+__all__ = ["BASELINES", "PAPER_BASELINES", "DEFAULT_LR_GRID", "baseline_curve", "tune_baseline", "TunedBaseline"]
 
 OptimizerFactory = Callable[[Iterable[Tensor], float], torch.optim.Optimizer]
 
@@ -28,6 +28,9 @@ BASELINES: dict[str, OptimizerFactory] = {
     # across steps; what style-transfer users reach for (issue: neural art)
     "lbfgs": lambda params, lr: torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=10),
 }
+
+#: the paper's four (section 3), what every comparison but neural art's runs by default
+PAPER_BASELINES: tuple[str, ...] = ("sgd", "nag", "rmsprop", "adam")
 
 #: 10^-5 ... 10^1 in steps of 10^0.25 (25 values)
 DEFAULT_LR_GRID: tuple[float, ...] = tuple(10 ** (-5 + 0.25 * i) for i in range(25))
