@@ -277,6 +277,8 @@ def report(args: argparse.Namespace) -> dict:
     text = summary(results, steps, args.weights) + "\n\n" + "\n".join(
         table(p, r) for p, r in results["problems"].items())
     (out / f"{kind}.md").write_text(text + "\n")
+    if args.labels:
+        plot_ratios(results, args.weights, args.labels, out / f"{kind}.png")
     print(summary(results, steps, args.weights))
     return results
 
@@ -298,6 +300,35 @@ def table(pname: str, res: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{m:.4f} ± {e:.4f}" for m, e in row)
                      + f" | {max(res['diverged'][label])} |")
     return "\n".join(lines)
+
+
+def plot_ratios(results: dict, weights: Sequence[str], labels: Sequence[str], path: Path) -> Path:
+    """One panel per reported step: each rule's mean loss over the best tuned baseline's, per test problem
+    (the paper's metric and the pool-size study left out), log scale, 1 = level with the best tuned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = {p: r for p, r in results["problems"].items() if "pool" not in p and "train images" not in p}
+    steps = results["meta"]["steps"]
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.8), sharey=True)
+    width = 0.8 / len(weights)
+    for ax, (i, s) in zip(axes, enumerate(steps), strict=True):
+        for j, (w, label) in enumerate(zip(weights, labels, strict=True)):
+            ratios = [r["rows"][w][i][0] / _best(r, i)[1] for r in problems.values()]
+            ax.bar([k + (j - (len(weights) - 1) / 2) * width for k in range(len(problems))], ratios, width, label=label)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(problems)), [p.replace("fashion_mnist", "fashion") for p in problems],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"step {s}", fontsize=10)
+    axes[0].set_ylabel("loss / best tuned baseline (test pools)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def summary(results: dict, steps: Sequence[int], weights: Sequence[str]) -> str:
@@ -337,10 +368,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=8, help="--report: test tasks per problem")
     parser.add_argument("--pool-sizes", type=int, nargs="*", default=[1000, 4000, 15000, 60000])
     parser.add_argument("--out", default="docs/results/paper_oos")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="--report: a name per --weights; then also plots the ratios to {KIND}.png")
     parser.add_argument("--tag", default="", help="--select: suffix of the written table's name")
     parser.add_argument("--cache", default="runs/paper_oos_cache", help="baseline runs ('' : nowhere)")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.labels is not None and len(args.labels) != len(args.weights):
+        parser.error(f"--labels: {len(args.labels)} names for {len(args.weights)} --weights")
     if args.select and (args.select[0] not in STEPS or len(args.select) < 2):
         parser.error(f"--select KIND GLOB...: KIND is one of {sorted(STEPS)}, then at least one checkpoint or glob")
     if args.report and not args.weights:
