@@ -66,6 +66,7 @@ import torch
 import yaml
 
 from lightning_l2l.evaluation import (
+    PAPER_BASELINES,
     baseline_curve,
     digest,
     json_cached,
@@ -77,7 +78,7 @@ from lightning_l2l.tasks import ConvFamily, Task
 from lightning_l2l.trajectory import rule_curve, rule_final_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ("sgd", "nag", "rmsprop", "adam")
+BASELINES = PAPER_BASELINES
 LABELS = {"sgd": "SGD", "nag": "NAG", "rmsprop": "RMSprop", "adam": "ADAM"}
 # the seed streams of MetaLearner's validation and test tasks (seed 0)
 VAL_SEED, TEST_SEED = 1_000_003, 2_000_003

@@ -135,15 +135,15 @@ def rule_test_curves(cache: Path, condition: str, test: list, weights: str) -> l
     return json_cached(cache, f"{condition}-test-rule-{weights_key(weights)}-{STEPS}", compute)
 
 
-def final_image(task, optimizer: str, lr: float | None = None, rule=None) -> torch.Tensor:
-    """The image after 128 steps of the learned ``rule`` (the one apply path of every rule run) or of Adam."""
+def final_image(task, rule=None, adam_lr: float | None = None) -> torch.Tensor:
+    """The image after 128 steps of the learned ``rule`` (the one apply path of every rule run), else of Adam at ``adam_lr``."""
     with torch.inference_mode(False):
         if rule is not None:
             traj = Trajectory.start(rule, task)
             unroll(rule, traj, STEPS, differentiable=False)
             return traj.params["image"].detach()
         image = task.init_params()["image"].requires_grad_()
-        opt = torch.optim.Adam([image], lr=lr)
+        opt = torch.optim.Adam([image], lr=adam_lr)
         for _ in range(STEPS):
             opt.zero_grad()
             task.loss({"image": image}).backward()
@@ -213,7 +213,6 @@ def report(args: argparse.Namespace) -> str:
              "of (loss - best tuned baseline's loss) at step 128 ± its standard error.", ""]
     mean_curves: dict[str, dict[str, list[float]]] = {}
     labels: dict[str, dict[str, str]] = {}
-    csv_rows: dict[str, list[float]] = {}
     images = {}
     for condition in CONDITIONS:
         test = tasks(condition, "test")
@@ -240,17 +239,17 @@ def report(args: argparse.Namespace) -> str:
                          f"{diff:+.4f} ± {diff_se:.4f} | {wins}/{len(rs)} |")
             mean_curves[condition][name] = [statistics.fmean(r[s] for r in rs) for s in range(STEPS + 1)]
             labels[condition][name] = name if lr == "-" else f"{name} (lr {lr})"
-            csv_rows[f"{condition}/{name}"] = mean_curves[condition][name]
         lines.append("")
         # Figure 9: the first test image
-        learned = final_image(test[0], "learned", rule=rule)
-        adam = final_image(test[0], "adam", lr=lrs[condition]["adam"])
+        learned = final_image(test[0], rule=rule)
+        adam = final_image(test[0], adam_lr=lrs[condition]["adam"])
         with torch.no_grad():
             losses = (float(test[0].loss({"image": learned})), float(test[0].loss({"image": adam})))
         images[condition] = triple(out / f"triple_{condition}.png", condition, test[0], learned, adam, losses)
         lines += [f"![{condition}](triple_{condition}.png)", ""]
     curves_png = plot(out / "curves.png", mean_curves, labels)
     lines += ["![curves](curves.png)", ""]
+    csv_rows = {f"{c}/{n}": curve for c, per in mean_curves.items() for n, curve in per.items()}
     names = list(csv_rows)
     with (out / "curves.csv").open("w") as f:
         f.write("step," + ",".join(names) + "\n")

@@ -92,10 +92,9 @@ def _run_baseline(
                 break
             if step < num_steps:
                 loss.backward()
-                if isinstance(opt, torch.optim.LBFGS):
-                    opt.step(lambda loss=loss: loss)  # max_iter=1: it reads .grad once, never calls the closure again
-                else:
-                    opt.step()
+                # the gradient is in .grad already; the closure only hands over the loss (LBFGS reads it;
+                # with max_iter=1 it never evaluates again, and the others just return it)
+                opt.step(lambda loss=loss: loss)
     return torch.stack(curve).cpu()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_l2l.evaluation.baselines import DEFAULT_LR_GRID, baseline_curve, tune_baseline
+from lightning_l2l.evaluation.baselines import DEFAULT_LR_GRID, PAPER_BASELINES, baseline_curve, tune_baseline
 from lightning_l2l.nets import UpdateRule
 from lightning_l2l.tasks import Task
 from lightning_l2l.trajectory import rule_curve
@@ -138,7 +138,7 @@ def compare(
     val_tasks: Sequence[Task],
     test_tasks: Sequence[Task],
     num_steps: int,
-    baselines: Sequence[str] = ("sgd", "nag", "rmsprop", "adam"),
+    baselines: Sequence[str] = PAPER_BASELINES,
     lr_grid: Sequence[float] = DEFAULT_LR_GRID,
     learned_curves: Sequence[Tensor] | None = None,
     device: torch.device | str | None = None,

@@ -141,9 +141,9 @@ class MetaLearner(L.LightningModule):
                         ("num_test_tasks", num_test_tasks), ("tasks_per_step", tasks_per_step)):
             if n < 1:
                 raise ValueError(f"Invalid {name}: {n} (expected >= 1)")
-        from lightning_l2l.evaluation import BASELINES
+        from lightning_l2l.evaluation import BASELINES, PAPER_BASELINES
 
-        baselines = list(baselines) if baselines is not None else ["sgd", "nag", "rmsprop", "adam"]
+        baselines = list(baselines) if baselines is not None else list(PAPER_BASELINES)
         unknown = [b for b in baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; available: {sorted(BASELINES)}")
