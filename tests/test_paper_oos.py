@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from tests.benchmark_scripts import load_benchmark
@@ -34,3 +37,56 @@ def test_labels_must_match_weights(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--report", "mnist", "--weights", "a.ckpt", "b.ckpt", "--labels", "only-one"])
     assert "2 --weights" in capsys.readouterr().err
+
+
+@pytest.fixture
+def shrunk(bench, monkeypatch):
+    """The flows of the script at a few steps, two-rate grids and one MNIST-digits problem each (the real
+    families, data loaders, baselines and rule runs; only the sizes are smaller)."""
+    monkeypatch.setattr(bench, "GRIDS", {"sgd": (-0.5, -0.25), "nag": (-1.0, -0.75), "rmsprop": (-2.0, -1.75),
+                                         "adam": (-2.0, -1.75)})
+    monkeypatch.setattr(bench, "STEPS", {"mnist": (3, 6), "conv": (3,)})
+    monkeypatch.setattr(bench, "REPORT_STEPS", {"mnist": (3, 6, 9), "conv": (3, 6)})
+    full = bench.select_problems
+    monkeypatch.setattr(bench, "select_problems", lambda kind, relu: dict(list(full(kind, relu).items())[:1]))
+    monkeypatch.setattr(bench, "report_problems", lambda kind: {"mnist base": lambda s: bench.mlp("mnist", eval_split=s)})
+    return bench
+
+
+def test_select_scores_candidates_on_validation_tasks_and_names_the_lowest(shrunk, tmp_path, capsys):
+    shrunk.main(["--select", "mnist", "mnist", "quadratic", "--select-relu", "no", "--tune-tasks", "1",
+                 "--select-tasks", "2", "--out", str(tmp_path), "--tag", "_t", "--cache", str(tmp_path / "cache")])
+    text = (tmp_path / "select_mnist_t.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"mnist", "quadratic"}
+    scores = {name: float(rows[name].rsplit("|", 2)[1]) for name in ("mnist", "quadratic")}
+    best = min(scores, key=scores.__getitem__)
+    assert f"Lowest score: `{best}`" in text
+    assert f"lowest score: {best}" in capsys.readouterr().out
+    assert any((tmp_path / "cache").iterdir())  # the baseline runs were cached
+
+
+def test_report_scores_test_pools_once_and_reuses_the_cache(shrunk, tmp_path, monkeypatch):
+    argv = ["--report", "mnist", "--weights", "mnist", "--labels", "mnist", "--tune-tasks", "1", "--seeds", "2",
+            "--pool-sizes", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    shrunk.main(argv)
+    results = json.loads((tmp_path / "mnist.json").read_text())
+    base = results["problems"]["mnist base"]
+    assert base["steps"] == [3, 6, 9]
+    assert {"sgd (tuned)", "nag (tuned)", "rmsprop (tuned)", "adam (tuned)", "adam 1e-3 (untuned)",
+            "mnist"} <= set(base["rows"])
+    for label, row in base["rows"].items():
+        assert len(row) == 3 and all(math.isfinite(m) and m > 0 for m, _ in row), label
+    assert "mnist base, paper's metric (training-pool loss)" in results["problems"]
+    assert (tmp_path / "mnist.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| mnist base | mnist |" in (tmp_path / "mnist.md").read_text()
+    # a second run reads every run from the cache: nothing is trained again, the same numbers
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was recomputed")
+
+    monkeypatch.setattr(shrunk, "baseline_losses_at", no_training)
+    monkeypatch.setattr(shrunk, "rule_runs", no_training)
+    shrunk.main(argv[:-4] + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")])
+    again = json.loads((tmp_path / "again" / "mnist.json").read_text())
+    assert again["problems"]["mnist base"]["rows"] == base["rows"]
