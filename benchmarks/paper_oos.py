@@ -30,6 +30,9 @@ and ReLU (init N(0, 0.01^2), the paper's), each on digits and on Fashion-MNIST, 
 ``conv``: batch-norm conv nets that are not in meta-training (digits 2 x 16 channels, Fashion 3 x 12 channels;
 fc 32, 3x3 kernels) at steps 100 and 200, baselines on the narrower :data:`CONV_GRIDS`. ``--seeds`` test tasks each (one seed:
 initialisation and minibatches), mean ± s.e.m.; writes ``--out``/{KIND}.md and {KIND}.json.
+
+**--merge JSON... --labels ...** puts reports run separately (in parallel, one rule each) into one table and
+plot (``--out``/{KIND}.md, .json, .png): their baseline rows must be equal (the same test tasks and cache).
 """
 
 from __future__ import annotations
@@ -283,6 +286,50 @@ def report(args: argparse.Namespace) -> dict:
     return results
 
 
+def merge(args: argparse.Namespace) -> dict:
+    """One report from several ``--report`` JSON files of the same kind: every rule's rows beside the shared baselines."""
+    kinds = {Path(p).stem for p in args.merge}
+    if len(kinds) != 1 or not kinds <= set(REPORT_STEPS):
+        raise SystemExit(f"--merge: reports of one kind, named as --report writes them ({' or '.join(f'{k}.json' for k in REPORT_STEPS)})")
+    reports = [json.loads(Path(p).read_text()) for p in args.merge]
+    first = reports[0]
+    merged = {"meta": dict(first["meta"], command=f"python benchmarks/paper_oos.py {' '.join(args.argv)}",
+                           merged=[r["meta"]["command"] for r in reports]), "problems": {}}
+    weights = []
+    for path, rep in zip(args.merge, reports, strict=True):
+        if rep["meta"]["steps"] != first["meta"]["steps"] or rep["meta"]["seeds"] != first["meta"]["seeds"]:
+            raise SystemExit(f"--merge: {path} has other steps or seeds than {args.merge[0]}")
+        for pname, res in rep["problems"].items():
+            if pname not in first["problems"]:
+                continue
+            into = merged["problems"].setdefault(pname, json.loads(json.dumps(res)))
+            for label, row in res["rows"].items():
+                if label.endswith(("(tuned)", "(untuned)")):
+                    if row != into["rows"][label]:
+                        raise SystemExit(f"--merge: the baseline row {label!r} of {pname!r} differs between "
+                                         f"{args.merge[0]} and {path}: run both reports with the same --cache")
+                else:
+                    into["rows"][label], into["diverged"][label] = row, res["diverged"][label]
+                    if label not in weights:
+                        weights.append(label)
+    problems = merged["problems"]
+    merged["problems"] = {p: r for p, r in problems.items()
+                          if all(w in r["rows"] for w in weights)}  # only problems that every report has
+    if len(weights) != len(args.labels):
+        raise SystemExit(f"--merge: {len(weights)} rules in the reports ({', '.join(weights)}) "
+                         f"for {len(args.labels)} --labels")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = Path(args.merge[0]).stem
+    (out / f"{kind}.json").write_text(json.dumps(merged, indent=1) + "\n")
+    steps = merged["meta"]["steps"]
+    text = summary(merged, steps, weights) + "\n\n" + "\n".join(table(p, r) for p, r in merged["problems"].items())
+    (out / f"{kind}.md").write_text(text + "\n")
+    plot_ratios(merged, weights, args.labels, out / f"{kind}.png")
+    print(summary(merged, steps, weights))
+    return merged
+
+
 def _best(res: dict, i: int) -> tuple[str, float]:
     tuned = {k: v[i][0] for k, v in res["rows"].items() if k.endswith("(tuned)")}
     k = min(tuned, key=tuned.__getitem__)
@@ -357,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--select", nargs="+", metavar=("KIND", "GLOB"), help="mnist|conv, then checkpoints (globs)")
     mode.add_argument("--report", choices=sorted(STEPS), help="the final report on test pools")
+    mode.add_argument("--merge", nargs="+", metavar="JSON", help="--report outputs (KIND.json) to put in one table")
     parser.add_argument("--weights", nargs="+", default=[],
                         help="--report: shipped names, .safetensors or .ckpt, each optionally @MULTIPLIER")
     parser.add_argument("--select-relu", choices=("no", "show", "score"), default="show",
@@ -369,20 +417,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pool-sizes", type=int, nargs="*", default=[1000, 4000, 15000, 60000])
     parser.add_argument("--out", default="docs/results/paper_oos")
     parser.add_argument("--labels", nargs="+", default=None,
-                        help="--report: a name per --weights; then also plots the ratios to {KIND}.png")
+                        help="--report: a name per --weights, then also plots the ratios to {KIND}.png; --merge: a name per rule")
     parser.add_argument("--tag", default="", help="--select: suffix of the written table's name")
     parser.add_argument("--cache", default="runs/paper_oos_cache", help="baseline runs ('' : nowhere)")
     args = parser.parse_args(argv)
     args.argv = argv
-    if args.labels is not None and len(args.labels) != len(args.weights):
+    if args.labels is not None and not args.merge and len(args.labels) != len(args.weights):
         parser.error(f"--labels: {len(args.labels)} names for {len(args.weights)} --weights")
     if args.select and (args.select[0] not in STEPS or len(args.select) < 2):
         parser.error(f"--select KIND GLOB...: KIND is one of {sorted(STEPS)}, then at least one checkpoint or glob")
     if args.report and not args.weights:
         parser.error("--report needs --weights")
+    if args.merge and not args.labels:
+        parser.error("--merge needs --labels: a name per rule in the reports")
     torch.set_num_threads(1)
     if args.select:
         select(args)
+    elif args.merge:
+        merge(args)
     else:
         report(args)
 

@@ -90,3 +90,30 @@ def test_report_scores_test_pools_once_and_reuses_the_cache(shrunk, tmp_path, mo
     shrunk.main(argv[:-4] + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")])
     again = json.loads((tmp_path / "again" / "mnist.json").read_text())
     assert again["problems"]["mnist base"]["rows"] == base["rows"]
+
+
+def test_merge_puts_separate_reports_in_one_table_and_refuses_other_baselines(shrunk, tmp_path):
+    common = ["--tune-tasks", "1", "--seeds", "2", "--pool-sizes", "--cache", str(tmp_path / "cache")]
+    for name in ("mnist", "quadratic"):
+        shrunk.main(["--report", "mnist", "--weights", name, "--out", str(tmp_path / name)] + common)
+    shrunk.main(["--merge", str(tmp_path / "mnist" / "mnist.json"), str(tmp_path / "quadratic" / "mnist.json"),
+                 "--labels", "M", "Q", "--out", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "mnist.json").read_text())
+    alone = json.loads((tmp_path / "quadratic" / "mnist.json").read_text())
+    rows = merged["problems"]["mnist base"]["rows"]
+    assert {"mnist", "quadratic"} <= set(rows)
+    assert rows["quadratic"] == alone["problems"]["mnist base"]["rows"]["quadratic"]
+    assert (tmp_path / "merged" / "mnist.png").read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "merged" / "mnist.md").read_text()
+    assert "| mnist base | mnist |" in text and "| mnist base | quadratic |" in text
+
+    # reports whose baselines differ (other test tasks or another cache) do not merge
+    alone["problems"]["mnist base"]["rows"]["adam (tuned)"][0][0] *= 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mnist.json").write_text(json.dumps(alone))
+    with pytest.raises(SystemExit, match="same --cache"):
+        shrunk.main(["--merge", str(tmp_path / "mnist" / "mnist.json"), str(tmp_path / "other" / "mnist.json"),
+                     "--labels", "M", "Q", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="2 rules"):
+        shrunk.main(["--merge", str(tmp_path / "mnist" / "mnist.json"), str(tmp_path / "quadratic" / "mnist.json"),
+                     "--labels", "only-one", "--out", str(tmp_path / "bad")])
