@@ -33,6 +33,8 @@ initialisation and minibatches), mean ± s.e.m.; writes ``--out``/{KIND}.md and 
 
 **--merge JSON... --labels ...** puts reports run separately (in parallel, one rule each) into one table and
 plot (``--out``/{KIND}.md, .json, .png): their baseline rows must be equal (the same test tasks and cache).
+Rules given the same label (meta-training seeds of one rule) are summarised together: the geometric mean of
+their ratios to the best tuned baseline, with the lowest and highest.
 """
 
 from __future__ import annotations
@@ -323,10 +325,12 @@ def merge(args: argparse.Namespace) -> dict:
     kind = Path(args.merge[0]).stem
     (out / f"{kind}.json").write_text(json.dumps(merged, indent=1) + "\n")
     steps = merged["meta"]["steps"]
-    text = summary(merged, steps, weights) + "\n\n" + "\n".join(table(p, r) for p, r in merged["problems"].items())
+    text = (f"Learned / best tuned baseline, geometric mean over the rules of a label (the number of rules in\n"
+            f"brackets; lowest-highest):\n\n{seed_summary(merged, weights, args.labels)}\n\n"
+            + summary(merged, steps, weights) + "\n\n" + "\n".join(table(p, r) for p, r in merged["problems"].items()))
     (out / f"{kind}.md").write_text(text + "\n")
     plot_ratios(merged, weights, args.labels, out / f"{kind}.png")
-    print(summary(merged, steps, weights))
+    print(seed_summary(merged, weights, args.labels))
     return merged
 
 
@@ -349,22 +353,48 @@ def table(pname: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def _groups(weights: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
+    """label -> the rules that carry it (several where one rule was meta-trained with several seeds)."""
+    out: dict[str, list[str]] = {}
+    for w, label in zip(weights, labels, strict=True):
+        out.setdefault(label, []).append(w)
+    return out
+
+
+def _ratios(res: dict, rules: Sequence[str], i: int) -> list[float]:
+    return [res["rows"][w][i][0] / _best(res, i)[1] for w in rules]
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if all(0 < x < math.inf for x in xs) else math.inf
+
+
 def plot_ratios(results: dict, weights: Sequence[str], labels: Sequence[str], path: Path) -> Path:
     """One panel per reported step: each rule's mean loss over the best tuned baseline's, per test problem
-    (the paper's metric and the pool-size study left out), log scale, 1 = level with the best tuned."""
+    (the paper's metric and the pool-size study left out), log scale, 1 = level with the best tuned. Rules
+    that share a label (meta-training seeds of one rule) are one bar: the geometric mean of their ratios, with
+    a whisker from the lowest to the highest."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     problems = {p: r for p, r in results["problems"].items() if "pool" not in p and "train images" not in p}
+    groups = _groups(weights, labels)
     steps = results["meta"]["steps"]
     fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.8), sharey=True)
-    width = 0.8 / len(weights)
+    width = 0.8 / len(groups)
     for ax, (i, s) in zip(axes, enumerate(steps), strict=True):
-        for j, (w, label) in enumerate(zip(weights, labels, strict=True)):
-            ratios = [r["rows"][w][i][0] / _best(r, i)[1] for r in problems.values()]
-            ax.bar([k + (j - (len(weights) - 1) / 2) * width for k in range(len(problems))], ratios, width, label=label)
+        for j, (label, rules) in enumerate(groups.items()):
+            per = [_ratios(r, rules, i) for r in problems.values()]
+            mid = [_geomean(x) for x in per]
+            xs = [k + (j - (len(groups) - 1) / 2) * width for k in range(len(problems))]
+            if len(rules) > 1:
+                err = [[m - min(x) for m, x in zip(mid, per, strict=True)], [max(x) - m for m, x in zip(mid, per, strict=True)]]
+                label = f"{label} ({len(rules)} seeds)"
+            else:
+                err = None
+            ax.bar(xs, mid, width, yerr=err, capsize=2, label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(problems)), [p.replace("fashion_mnist", "fashion") for p in problems],
@@ -376,6 +406,25 @@ def plot_ratios(results: dict, weights: Sequence[str], labels: Sequence[str], pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def seed_summary(results: dict, weights: Sequence[str], labels: Sequence[str]) -> str:
+    """Per problem and label: the geometric mean over the label's rules (seeds) of the ratio to the best tuned
+    baseline, with the lowest and highest, at each reported step."""
+    groups = _groups(weights, labels)
+    steps = results["meta"]["steps"]
+    lines = ["| problem | " + " | ".join(f"{label} ({len(r)}) @{s}" for label, r in groups.items() for s in steps) + " |",
+             "|---|" + "---:|" * (len(groups) * len(steps))]
+    for pname, res in results["problems"].items():
+        if "pool" in pname or "train images" in pname:
+            continue
+        cells = []
+        for rules in groups.values():
+            for i in range(len(steps)):
+                x = _ratios(res, rules, i)
+                cells.append(f"{_geomean(x):.2f}" + (f" ({min(x):.2f}-{max(x):.2f})" if len(x) > 1 else ""))
+        lines.append(f"| {pname} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summary(results: dict, steps: Sequence[int], weights: Sequence[str]) -> str:

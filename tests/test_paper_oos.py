@@ -106,6 +106,18 @@ def test_merge_puts_separate_reports_in_one_table_and_refuses_other_baselines(sh
     assert (tmp_path / "merged" / "mnist.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "merged" / "mnist.md").read_text()
     assert "| mnist base | mnist |" in text and "| mnist base | quadratic |" in text
+    assert "| M (1) @3 |" in text
+
+    # one label for both: summarised as seeds of one rule, the geometric mean of their ratios and the range
+    shrunk.main(["--merge", str(tmp_path / "mnist" / "mnist.json"), str(tmp_path / "quadratic" / "mnist.json"),
+                 "--labels", "R", "R", "--out", str(tmp_path / "seeds")])
+    res = merged["problems"]["mnist base"]
+    ratios = [res["rows"][w][0][0] / shrunk._best(res, 0)[1] for w in ("mnist", "quadratic")]
+    cell = f"{math.sqrt(ratios[0] * ratios[1]):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    row = next(line for line in (tmp_path / "seeds" / "mnist.md").read_text().splitlines()
+               if line.startswith("| mnist base | "))  # the seed summary comes first
+    assert row.split(" | ")[1] == cell
+    assert (tmp_path / "seeds" / "mnist.png").read_bytes()[:4] == b"\x89PNG"
 
     # reports whose baselines differ (other test tasks or another cache) do not merge
     alone["problems"]["mnist base"]["rows"]["adam (tuned)"][0][0] *= 2
