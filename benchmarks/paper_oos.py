@@ -40,6 +40,7 @@ their ratios to the best tuned baseline, with the lowest and highest.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import glob
 import hashlib
@@ -304,7 +305,7 @@ def merge(args: argparse.Namespace) -> dict:
         for pname, res in rep["problems"].items():
             if pname not in first["problems"]:
                 continue
-            into = merged["problems"].setdefault(pname, json.loads(json.dumps(res)))
+            into = merged["problems"].setdefault(pname, copy.deepcopy(res))
             for label, row in res["rows"].items():
                 if label.endswith(("(tuned)", "(untuned)")):
                     if row != into["rows"][label]:
@@ -322,7 +323,7 @@ def merge(args: argparse.Namespace) -> dict:
                          f"for {len(args.labels)} --labels")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kind = Path(args.merge[0]).stem
+    (kind,) = kinds
     (out / f"{kind}.json").write_text(json.dumps(merged, indent=1) + "\n")
     steps = merged["meta"]["steps"]
     text = (f"Learned / best tuned baseline, geometric mean over the rules of a label (the number of rules in\n"
@@ -353,6 +354,11 @@ def table(pname: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def _rule_problems(results: dict) -> dict[str, dict]:
+    """The test problems of a report without the paper's metric and the pool-size study (plots and seed tables)."""
+    return {p: r for p, r in results["problems"].items() if "pool" not in p and "train images" not in p}
+
+
 def _groups(weights: Sequence[str], labels: Sequence[str]) -> dict[str, list[str]]:
     """label -> the rules that carry it (several where one rule was meta-trained with several seeds)."""
     out: dict[str, list[str]] = {}
@@ -379,7 +385,7 @@ def plot_ratios(results: dict, weights: Sequence[str], labels: Sequence[str], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    problems = {p: r for p, r in results["problems"].items() if "pool" not in p and "train images" not in p}
+    problems = _rule_problems(results)
     groups = _groups(weights, labels)
     steps = results["meta"]["steps"]
     fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.8), sharey=True)
@@ -415,9 +421,7 @@ def seed_summary(results: dict, weights: Sequence[str], labels: Sequence[str]) -
     steps = results["meta"]["steps"]
     lines = ["| problem | " + " | ".join(f"{label} ({len(r)}) @{s}" for label, r in groups.items() for s in steps) + " |",
              "|---|" + "---:|" * (len(groups) * len(steps))]
-    for pname, res in results["problems"].items():
-        if "pool" in pname or "train images" in pname:
-            continue
+    for pname, res in _rule_problems(results).items():
         cells = []
         for rules in groups.values():
             for i in range(len(steps)):
