@@ -136,13 +136,27 @@ def _run(fused: bool | None, weights="conv", steps: int = 4) -> list[torch.Tenso
     ]
 
 
+def _python_threads(monkeypatch, shapes) -> None:
+    """Runs of coordinates on Python threads, as where the kernel is built without OpenMP."""
+    for shape in shapes:
+        lib = _fused._library(*shape)[0]
+        if lib is not None:
+            monkeypatch.setattr(lib, "openmp", False)
+
+
+# (threads, the runs on OpenMP's threads where the kernel has them, else on Python threads)
+PARALLEL = [(1, "openmp"), (2, "openmp"), (2, "python")]
+
+
 @needs_kernel
-@pytest.mark.parametrize("threads", [1, 2])
-def test_learned_optimizer_fused_matches_eager(monkeypatch, threads):
+@pytest.mark.parametrize(("threads", "runs_on"), PARALLEL)
+def test_learned_optimizer_fused_matches_eager(monkeypatch, threads, runs_on):
     """LearnedOptimizer: fused (default) and fused=False take the same steps with the shipped conv weights
     (PerKindRule of ScaledRule LSTMs), chunks, skipped zeros and a parameter without a gradient; with two
-    threads each chunk is split between them."""
+    threads each chunk is split between them (on OpenMP's threads, or on Python threads)."""
     monkeypatch.setattr(_fused, "_MIN_PER_THREAD", 100)
+    if runs_on == "python":
+        _python_threads(monkeypatch, [(20, 2, 2)])
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -210,12 +224,15 @@ def _two_steps(rule: CoordinatewiseLSTM, g: torch.Tensor, state0: torch.Tensor) 
 
 @needs_kernel
 @pytest.mark.parametrize(("hidden", "layers", "preprocessing"), SHAPES)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_differentiable_fused_matches_eager_gradients(monkeypatch, hidden, layers, preprocessing, threads):
+@pytest.mark.parametrize(("threads", "runs_on"), PARALLEL)
+def test_differentiable_fused_matches_eager_gradients(monkeypatch, hidden, layers, preprocessing, threads, runs_on):
     """With gradients on (meta-training), CPU float32: the fused autograd node gives the eager network's
-    outputs and the same gradients of the state and of every weight, to float32 rounding."""
+    outputs and the same gradients of the state and of every weight (the output layer's included, summed in
+    the kernel), to float32 rounding, on one thread or split over two."""
     monkeypatch.setattr(_fused, "_MIN_PER_THREAD", 100)
     rule = CoordinatewiseLSTM(hidden_size=hidden, num_layers=layers, preprocessing=preprocessing)
+    if runs_on == "python":
+        _python_threads(monkeypatch, [_fused._shape(rule)])
     with torch.no_grad():
         rule.out.weight.normal_()
     n = 1500
@@ -233,6 +250,51 @@ def test_differentiable_fused_matches_eager_gradients(monkeypatch, hidden, layer
     eager = _two_steps(rule, g, state0.detach())
     for got, want in zip(fused, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_runs_do_not_depend_on_the_threads():
+    """The kernels' ``_mt`` entry points over 3 runs (more than the 2 threads they may get): the sequential
+    kernel's forward exactly, and its gradients once the runs' sums are added (on OpenMP's threads where the
+    kernel has them, else a plain loop)."""
+    rule = _rule(20, 2, "log_sign")
+    lib, pk = _fused._library(20, 2, 2)[0], _fused._weights(rule)
+    n, srow = 1001, 202
+    g = _grads(n)
+    g = torch.where(torch.isfinite(g), g, torch.zeros(n))
+    state = 0.5 * torch.randn(n, 2, 2, 20)
+    gu, gs = torch.randn(n), torch.randn(n, 2, 2, 20)
+    out = {}
+    for parts in (1, 3):
+        new, save, upd = torch.empty_like(state), torch.empty(n, srow), torch.empty(n)
+        gin, gw, gwo = torch.empty_like(state), torch.zeros(parts, 2, 41, 80), torch.zeros(parts, 21)
+        args = (pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(), pk.wo.data_ptr(), pk.bo, 0.1, 10.0)
+        lib.l2l_lstm_forward_mt(parts, n, g.data_ptr(), state.data_ptr(), new.data_ptr(), save.data_ptr(),
+                                upd.data_ptr(), *args)
+        lib.l2l_lstm_backward_mt(parts, n, save.data_ptr(), state.data_ptr(), new.data_ptr(), gu.data_ptr(),
+                                 gs.data_ptr(), gin.data_ptr(), gw.data_ptr(), gwo.data_ptr(), pk.wt.data_ptr(),
+                                 pk.wo.data_ptr(), 0.1)
+        stepped = state.clone()
+        upd_step = torch.empty(n)
+        lib.l2l_lstm_step_mt(parts, n, g.data_ptr(), None, stepped.data_ptr(), upd_step.data_ptr(), *args)
+        out[parts] = (upd, new, save, gin, upd_step, stepped, gw.sum(0), gwo.sum(0))
+    for a, b in zip(out[3][:6], out[1][:6], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(out[3][6:], out[1][6:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    assert out[1][6].abs().sum() > 0 and out[1][7].abs().sum() > 0
+
+
+@needs_kernel
+def test_openmp_kernel_shares_torchs_runtime():
+    """Where the kernel is built with OpenMP, the process has one OpenMP runtime: torch's libgomp (a second
+    would bring its own threads, spinning against torch's)."""
+    lib = _fused._library(20, 2, 2)[0]
+    if not lib.openmp:
+        pytest.skip("the kernel is built without OpenMP here (torch does not run on libgomp)")
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_differentiable_fused_is_not_used_where_it_does_not_apply():

@@ -13,8 +13,10 @@ With gradients on (meta-training), :func:`fused_lstm_forward` is the network as 
 same kernel saves the gates for ``l2l_lstm_backward``, which gives the gradients of the state and of
 the weights (docs/implementation.md). ``L2L_FUSED=0`` in the environment turns every fused path off.
 
-A call releases the GIL (ctypes does), so a run of coordinates is split over
-``torch.get_num_threads()`` Python threads.
+A run of coordinates is split over ``torch.get_num_threads()`` threads: where torch runs on libgomp (its
+Linux wheels) the kernel is built with ``-fopenmp``, the loader gives it torch's own libgomp, and the runs
+share one parallel region on torch's OpenMP threads; elsewhere Python threads run them (a ctypes call
+releases the GIL), which compete for the cores with the OpenMP threads that spin after each torch op.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ _PAD = 16
 #: fewest coordinates worth a thread of their own
 _MIN_PER_THREAD = 4096
 # the first that builds wins (clang on Apple CPUs wants -mcpu); not without either: built for a baseline CPU
-# (x86-64's SSE2) the kernel is slower than the eager network (docs/implementation.md)
+# (x86-64's SSE2) the kernel is slower than the eager network (docs/implementation.md). -fopenmp first where
+# torch's libgomp is loaded (_torch_libgomp).
 _FLAGS = (["-O3", "-march=native"], ["-O3", "-mcpu=native"])
+_OPENMP = "-fopenmp"
 _P = ctypes.c_void_p
 
 
@@ -84,6 +88,19 @@ def _compiler() -> str | None:
     return None
 
 
+def _torch_libgomp() -> bool:
+    """Whether torch runs its ops on libgomp, loaded in this process (Linux): a kernel built with -fopenmp then
+    shares that runtime and its threads (the loader finds the soname ``libgomp.so.1`` already loaded). Elsewhere
+    (Intel's or LLVM's OpenMP, macOS) an -fopenmp build would load a second runtime: not done."""
+    if os.environ.get("L2L_FUSED_OPENMP") == "0" or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("/libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
 @functools.cache
 def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, str]:
     """``(the kernels for this network shape, "")``, or ``(None, why not)``."""
@@ -97,7 +114,8 @@ def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, st
     source = _SOURCE.read_bytes()
     defines = [f"-DH={hidden}", f"-DL={layers}", f"-DNIN={nin}"]
     errors = []
-    for flags in _FLAGS:
+    openmp = [[*f, _OPENMP] for f in _FLAGS] if _torch_libgomp() else []
+    for flags in [*openmp, *_FLAGS]:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags + defines).encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
         target = _cache_dir() / f"lstm_step_{key}.so"
@@ -124,9 +142,14 @@ def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, st
         f, i64 = ctypes.c_float, ctypes.c_int64
         lib.l2l_lstm_step.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
         lib.l2l_lstm_forward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
-        lib.l2l_lstm_backward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, f]
-        for fn in (lib.l2l_lstm_step, lib.l2l_lstm_forward, lib.l2l_lstm_backward):
+        lib.l2l_lstm_backward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, f]
+        lib.l2l_lstm_step_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_step.argtypes]
+        lib.l2l_lstm_forward_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_forward.argtypes]
+        lib.l2l_lstm_backward_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_backward.argtypes]
+        for fn in (lib.l2l_lstm_step, lib.l2l_lstm_forward, lib.l2l_lstm_backward, lib.l2l_lstm_step_mt,
+                   lib.l2l_lstm_forward_mt, lib.l2l_lstm_backward_mt):
             fn.restype = None
+        lib.openmp = bool(lib.l2l_openmp())
         return lib, ""
     return None, "building the fused kernel failed: " + " | ".join(errors)
 
@@ -220,9 +243,15 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _parallel(n: int, run: Callable[[int, int], None]) -> None:
-    """``run(start, stop)`` over ``[0, n)``, split over ``torch.get_num_threads()`` threads (ctypes releases the GIL)."""
-    parts = max(1, min(torch.get_num_threads(), n // _MIN_PER_THREAD))
+def _parts(n: int) -> int:
+    """Runs of coordinates for ``n``: one per thread of ``torch.get_num_threads()``, none below ``_MIN_PER_THREAD``."""
+    return max(1, min(torch.get_num_threads(), n // _MIN_PER_THREAD))
+
+
+def _parallel(n: int, run: Callable[[int, int], None], parts: int | None = None) -> None:
+    """``run(start, stop)`` over ``[0, n)`` in ``parts`` runs (default :func:`_parts`) on Python threads (ctypes
+    releases the GIL); the kernels built with OpenMP use their ``_mt`` entry points instead."""
+    parts = _parts(n) if parts is None else parts
     if parts == 1:
         run(0, n)
         return
@@ -253,7 +282,13 @@ def fused_lstm_step(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor, keep:
                           state.data_ptr() + 4 * row * start, update.data_ptr() + 4 * start,
                           pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(), pk.wo.data_ptr(), pk.bo, scale, p)
 
-    _parallel(n, run)
+    parts = _parts(n)
+    if parts > 1 and lib.openmp:
+        lib.l2l_lstm_step_mt(parts, n, g.data_ptr(), None if k is None else k.data_ptr(), state.data_ptr(),
+                             update.data_ptr(), pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(), pk.wo.data_ptr(),
+                             pk.bo, scale, p)
+    else:
+        _parallel(n, run, parts)
     return update.to(grad.dtype)
 
 
@@ -310,7 +345,13 @@ class _FusedLSTM(torch.autograd.Function):
                                  update.data_ptr() + 4 * start, pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(),
                                  pk.wo.data_ptr(), pk.bo, scale, p)
 
-        _parallel(n, run)
+        parts = _parts(n)
+        if parts > 1 and lib.openmp:
+            lib.l2l_lstm_forward_mt(parts, n, grad.data_ptr(), state.data_ptr(), new_state.data_ptr(), save.data_ptr(),
+                                    update.data_ptr(), pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(),
+                                    pk.wo.data_ptr(), pk.bo, scale, p)
+        else:
+            _parallel(n, run, parts)
         ctx.rule, ctx.packed = rule, pk
         ctx.save_for_backward(save, state, new_state)
         return update, new_state
@@ -330,26 +371,30 @@ class _FusedLSTM(torch.autograd.Function):
         row, srow = state[0].numel() if n else 0, save.shape[1]
         krows = -(-(hidden + max(nin, hidden)) // 4) * 4  # KROWS of the kernel: the bias row's index
         width = pk.b.numel() // layers
-        parts: list[Tensor] = []
+        runs = _parts(n)
+        # per run of coordinates, its sums: (layer, input k or bias, gate), and the output layer's (weights, bias)
+        gw_runs, gwo_runs = torch.zeros(runs, layers, krows + 1, width), torch.zeros(runs, hidden + 1)
+        first = {n * i // runs: i for i in range(runs)}  # where _parallel's runs start
 
         def run(start: int, stop: int) -> None:
-            gw = torch.zeros(layers, krows + 1, width)  # this part's sums: (layer, input k or bias, gate)
-            parts.append(gw)
+            part = first[start]
             lib.l2l_lstm_backward(stop - start, save.data_ptr() + 4 * srow * start, state.data_ptr() + 4 * row * start,
                                   new_state.data_ptr() + 4 * row * start, gu.data_ptr() + 4 * start,
                                   None if gs is None else gs.data_ptr() + 4 * row * start,
-                                  g_in.data_ptr() + 4 * row * start, gw.data_ptr(), pk.wt.data_ptr(), pk.wo.data_ptr(),
-                                  scale)
+                                  g_in.data_ptr() + 4 * row * start, gw_runs[part].data_ptr(),
+                                  gwo_runs[part].data_ptr(), pk.wt.data_ptr(), pk.wo.data_ptr(), scale)
 
-        _parallel(n, run)
-        gw = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        if runs > 1 and lib.openmp:
+            lib.l2l_lstm_backward_mt(runs, n, save.data_ptr(), state.data_ptr(), new_state.data_ptr(), gu.data_ptr(),
+                                     None if gs is None else gs.data_ptr(), g_in.data_ptr(), gw_runs.data_ptr(),
+                                     gwo_runs.data_ptr(), pk.wt.data_ptr(), pk.wo.data_ptr(), scale)
+        else:
+            _parallel(n, run, runs)
+        gw, gwo = gw_runs.sum(0), gwo_runs.sum(0)
         grads: list[Tensor] = []
         for layer in range(layers):
             k = (nin if layer == 0 else hidden) + hidden
             w = gw[layer, :k, : 4 * hidden].t()  # (4 hidden, inputs + hidden)
             b = gw[layer, krows, : 4 * hidden]
             grads += [w[: 3 * hidden], b[: 3 * hidden], w[3 * hidden :], b[3 * hidden :]]
-        gu_scaled = gu * scale
-        g_out_w = (gu_scaled @ new_state[:, layers - 1, 0]).reshape(1, hidden)
-        g_out_b = gu_scaled.sum().reshape(1)
-        return None, None, g_in, g_out_w, g_out_b, *grads
+        return None, None, g_in, gwo[:hidden].reshape(1, hidden), gwo[hidden:], *grads

@@ -197,7 +197,9 @@ def apply_rule(
         for i, run in enumerate(runs):
             g = _cat([grads[e.key].reshape(-1) for e in run])  # type: ignore[union-attr]  # (n,)
             start = run[0].offset
-            h = state[start : start + g.numel()]  # (n, *state_shape), a view
+            # (n, *state_shape): a view, or the state itself where the run is all of it (a slice's backward
+            # would zero a tensor of the state's size and copy the gradient into it at every step)
+            h = state if start == 0 and g.numel() == state.shape[0] else state[start : start + g.numel()]
             if shared:
                 update, h_new, bad = results[i]
             else:

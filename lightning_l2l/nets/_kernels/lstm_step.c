@@ -11,6 +11,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if !defined(H) || !defined(L) || !defined(NIN)
 #error "compile with -DH=<hidden> -DL=<layers> -DNIN=<input features>"
@@ -31,6 +34,12 @@
 #define KMAX (H + (NIN > H ? NIN : H))
 #define KPAD ((KMAX + 15) / 16 * 16) /* a row of a layer's weights for the backward (a multiple of 16) */
 #define SAVE (NIN + L * 5 * H)             /* floats the forward saves per coordinate for the backward */
+#ifndef PF
+#define PF 8 /* coordinates ahead whose memory the backward prefetches: the data of a truncation's earlier steps
+              * are out of cache, and each coordinate reads or writes five separate rows (the saved gates, both
+              * states, the gradients): 11.2 -> 7.6-8.4 ms for the backward of 15,910 coordinates on 1 thread,
+              * 8.0 -> 4.2-5.9 ms on 2 (20 steps in a row, both cores free). The same in the forward gained nothing. */
+#endif
 #ifndef BLK
 #define BLK 2 /* coordinates per block: 2 beat 1, 3 and 4 (256, 213, 225, 224 ms per 1M coordinates on an AVX-512 AMD EPYC core) */
 #endif
@@ -228,7 +237,8 @@ void l2l_lstm_forward(int64_t n, const float *grad, const float *state_in, float
 }
 
 /* The backward of l2l_lstm_forward. gu (n,): the gradient of the update; gs (n, L, 2, H) or NULL: of the
- * new state. Writes gin (n, L, 2, H), the gradient of state_in, and adds the weights' gradients to gw: per
+ * new state. Writes gin (n, L, 2, H), the gradient of state_in, adds the output layer's gradients to gwo (H + 1:
+ * its weights, then its bias) and the other weights' gradients to gw: per
  * layer (KROWS + 1, NV * VW) floats, row k the gradient of input k's column of [W_ifo; W_g] (inputs, then
  * h; rows past the layer's inputs stay 0), row KROWS the biases'. wt: per layer the (4 H, KPAD) weights
  * [W_ifo; W_g], rows zero-padded; wo (H,) and scale: the output layer.
@@ -238,12 +248,14 @@ void l2l_lstm_forward(int64_t n, const float *grad, const float *state_in, float
 #define KROWS ((KMAX + 3) / 4 * 4)
 #define TB 32
 void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, const float *state_out,
-                       const float *gu, const float *gs, float *gin, float *gw, const float *wt, const float *wo,
-                       float scale) {
+                       const float *gu, const float *gs, float *gin, float *gw, float *gwo, const float *wt,
+                       const float *wo, float scale) {
     static __thread float dt[TB][L][NV * VW] __attribute__((aligned(64)));
     static __thread float inr[TB][KROWS] __attribute__((aligned(64)));
     float gh[H], g_in[KPAD] __attribute__((aligned(64)));
+    float go[H + 1];
     memset(dt, 0, sizeof dt); /* the lanes past 4 H stay 0 */
+    memset(go, 0, sizeof go);
     for (int64_t t0 = 0; t0 < n; t0 += TB) {
         const int m = n - t0 < TB ? (int)(n - t0) : TB;
         for (int q = 0; q < m; ++q) {
@@ -253,6 +265,19 @@ void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, cons
             const float *gsi = gs ? gs + i * (int64_t)(L * 2 * H) : NULL;
             float *gi = gin + i * (int64_t)(L * 2 * H);
             const float gui = gu[i] * scale;
+            const float *hl = state_out + i * (int64_t)(L * 2 * H) + (L - 1) * 2 * H; /* the output layer's input */
+            if (i + PF < t0 + m + TB && i + PF < n) { /* what a coordinate PF ahead reads: out of memory, not cache */
+                const int64_t f = i + PF;
+                for (int c = 0; c < SAVE * 4; c += 64) __builtin_prefetch((const char *)(save + f * (int64_t)SAVE) + c);
+                for (int c = 0; c < L * 2 * H * 4; c += 64) {
+                    __builtin_prefetch((const char *)(state_in + f * (int64_t)(L * 2 * H)) + c);
+                    __builtin_prefetch((const char *)(state_out + f * (int64_t)(L * 2 * H)) + c);
+                    if (gs) __builtin_prefetch((const char *)(gs + f * (int64_t)(L * 2 * H)) + c);
+                    __builtin_prefetch((const char *)(gin + f * (int64_t)(L * 2 * H)) + c, 1);
+                }
+            }
+            for (int j = 0; j < H; ++j) go[j] += gui * hl[j];
+            go[H] += gui;
             for (int j = 0; j < H; ++j) gh[j] = gui * wo[j] + (gsi ? gsi[(L - 1) * 2 * H + j] : 0.0f);
             for (int l = L - 1; l >= 0; --l) {
                 const float *ig = sv + NIN + l * 5 * H, *fg = ig + H, *og = ig + 2 * H, *gg = ig + 3 * H,
@@ -316,5 +341,62 @@ void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, cons
             float *brow = g + KROWS * NV * VW;
             for (int v = 0; v < NV; ++v) vstore(brow + v * VW, vload(brow + v * VW) + bacc[v]);
         }
+    }
+    for (int j = 0; j <= H; ++j) gwo[j] += go[j];
+}
+
+/* Built with -fopenmp (where the process's OpenMP runtime is torch's libgomp, which the loader then shares):
+ * the three kernels over `parts` contiguous runs of coordinates in one parallel region, on the same threads
+ * as torch's own ops. Python threads instead would compete for the cores with torch's OpenMP threads, which
+ * spin-wait after each op: two threads were no faster than one in meta-training (docs/implementation.md).
+ * The runs and their order do not depend on the team: results are those of `parts` sequential calls. */
+int l2l_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define RUN(t) const int64_t a = n * (t) / parts, z = n * ((t) + 1) / parts
+#define ROW (L * 2 * H)
+
+void l2l_lstm_step_mt(int parts, int64_t n, const float *grad, const uint8_t *keep, float *state, float *update,
+                      const float *w, const float *b, const float *act, const float *wo, float bo, float scale,
+                      float p) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static)
+#endif
+    for (int t = 0; t < parts; ++t) {
+        RUN(t);
+        l2l_lstm_step(z - a, grad + a, keep ? keep + a : NULL, state + a * ROW, update + a, w, b, act, wo, bo, scale, p);
+    }
+}
+
+void l2l_lstm_forward_mt(int parts, int64_t n, const float *grad, const float *state_in, float *state_out,
+                         float *save, float *update, const float *w, const float *b, const float *act,
+                         const float *wo, float bo, float scale, float p) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static)
+#endif
+    for (int t = 0; t < parts; ++t) {
+        RUN(t);
+        l2l_lstm_forward(z - a, grad + a, state_in + a * ROW, state_out + a * ROW, save + a * SAVE, update + a, w,
+                         b, act, wo, bo, scale, p);
+    }
+}
+
+/* gw, gwo: `parts` zeroed slabs of the weights' gradients, one per run (summed by the caller). */
+void l2l_lstm_backward_mt(int parts, int64_t n, const float *save, const float *state_in, const float *state_out,
+                          const float *gu, const float *gs, float *gin, float *gw, float *gwo, const float *wt,
+                          const float *wo, float scale) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static)
+#endif
+    for (int t = 0; t < parts; ++t) {
+        RUN(t);
+        l2l_lstm_backward(z - a, save + a * SAVE, state_in + a * ROW, state_out + a * ROW, gu + a,
+                          gs ? gs + a * ROW : NULL, gin + a * ROW, gw + t * (int64_t)(L * (KROWS + 1) * NV * VW),
+                          gwo + t * (H + 1), wt, wo, scale);
     }
 }
