@@ -5,7 +5,7 @@
     python benchmarks/step_time.py --sizes 1e6 --device cpu --threads 1 all --rules lstm lstm-eager moments
     python benchmarks/step_time.py --compile             # also LearnedOptimizer(compile=True)
     python benchmarks/step_time.py --sizes 1e5 --device cpu --rules lstm gac ntm   # LSTM+GAC, NTM-BFGS too
-    python benchmarks/step_time.py --sizes 1e6 --device cpu --rules lstm moments   # MomentMLP() too
+    python benchmarks/step_time.py --sizes 1e6 --device cpu --rules lstm moments moments-eager   # `general` too
 
 For each MLP size and optimizer the script times ``optimizer.step()`` alone (gradients are
 computed once and reused, so the model's forward/backward does not blur the optimizer's cost) and
@@ -16,7 +16,9 @@ Adam's at the same size and threads. The LSTM's rows use its fused CPU step wher
 (``LearnedOptimizer(fused=None)``, the default; the header says whether it does); ``--rules
 lstm-eager`` adds rows for ``fused=False``, the eager network. ``--compile`` adds rows for
 ``LearnedOptimizer(compile=True)``: its first step (compilation included) is reported apart, and two
-untimed steps precede the timed ones. ``--rules gac ntm`` adds rows for ``LearnedOptimizer`` with
+untimed steps precede the timed ones. ``--rules moments`` adds rows for the default weights, ``general`` (a
+:class:`~lightning_l2l.nets.MomentMLP`, its fused CPU step where it runs), ``moments-eager`` the same with
+``fused=False``. ``--rules gac ntm`` adds rows for ``LearnedOptimizer`` with
 a randomly initialised :class:`~lightning_l2l.nets.LSTMGAC` / :class:`~lightning_l2l.nets.NTMBFGS`
 (default configs; their speed does not depend on the weights' values): with more coordinates than
 ``chunk_size``, each of their means over coordinates costs one more pass over the chunks.
@@ -71,10 +73,12 @@ def _make_optimizer(
     rule = weights if weights else CoordinatewiseLSTM()  # speed does not depend on the weights' values
     if name in ("gac", "ntm"):
         rule = LSTMGAC() if name == "gac" else NTMBFGS()
-    if name == "moments":
-        rule = MomentMLP()
+    if name in ("moments", "moments-eager"):  # the default weights, `general`
+        from lightning_l2l.pretrained import available, resolve
+
+        rule = resolve("general")[0] if "general" in available() else MomentMLP()
     return LearnedOptimizer.from_module(model, rule, chunk_size=chunk_size, compile=name == "compiled",
-                                        fused=False if name == "eager" else None)
+                                        fused=False if name in ("eager", "moments-eager") else None)
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +162,7 @@ def rule_costs(weights: str | None, name: str = "learned") -> tuple[int, int]:
     from lightning_l2l.pretrained import resolve
 
     if name == "moments":  # the MLP's matmuls and its head; the moment updates and features are elementwise
-        rule = MomentMLP()
+        rule = MomentMLP()  # the shape of `general`'s
         sizes = [rule.num_features] + [layer.out_features for layer in rule.mlp if isinstance(layer, nn.Linear)]
         flops = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + 2 * sizes[-1] * 2
         return rule.state_size, flops
@@ -193,9 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="LearnedOptimizer chunk_size (default: its own)")
     parser.add_argument("--weights", default=None, help="weights for LearnedOptimizer (default: shipped quadratic)")
     parser.add_argument("--compile", action="store_true", help="also time LearnedOptimizer(compile=True)")
-    parser.add_argument("--rules", nargs="+", choices=["lstm", "lstm-eager", "gac", "ntm", "moments"], default=["lstm"],
+    parser.add_argument("--rules", nargs="+", choices=["lstm", "lstm-eager", "gac", "ntm", "moments", "moments-eager"],
+                        default=["lstm"],
                         help="learned rules to time: lstm (the weights), lstm-eager (the same, fused=False), "
-                             "gac (LSTMGAC()), ntm (NTMBFGS()), moments (MomentMLP())")
+                             "gac (LSTMGAC()), ntm (NTMBFGS()), moments (the `general` weights, a MomentMLP), "
+                             "moments-eager (the same, fused=False)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -210,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     costs = {name: rule_costs(weights, name) for name in ("learned", "gac", "ntm", "moments")}
     costs["eager"] = costs["compiled"] = costs["learned"]
-    learned = [{"lstm": "learned", "lstm-eager": "eager", "gac": "gac", "ntm": "ntm", "moments": "moments"}[r]
-               for r in args.rules]
+    costs["moments-eager"] = costs["moments"]
+    learned = [{"lstm": "learned", "lstm-eager": "eager", "gac": "gac", "ntm": "ntm", "moments": "moments",
+                "moments-eager": "moments-eager"}[r] for r in args.rules]
     all_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     thread_counts = list(dict.fromkeys(all_cpus if t == "all" else int(t) for t in args.threads))
     from lightning_l2l.nets._fused import fused_lstm_status
@@ -268,7 +275,8 @@ def _measure(args: argparse.Namespace, device: str, threads: int, bw: float, rat
 NAMES = {"adam": "Adam", "learned": "LearnedOptimizer", "compiled": "LearnedOptimizer (compile=True)",
          "eager": "LearnedOptimizer (fused=False)",
          "gac": "LearnedOptimizer, LSTMGAC()", "ntm": "LearnedOptimizer, NTMBFGS()",
-         "moments": "LearnedOptimizer, MomentMLP()"}
+         "moments": "LearnedOptimizer, general (MomentMLP)",
+         "moments-eager": "LearnedOptimizer, general (MomentMLP), fused=False"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

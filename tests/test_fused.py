@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from lightning_l2l import LearnedOptimizer
-from lightning_l2l.nets import CoordinatewiseLSTM, MomentMLP, PerKindRule, ScaledRule, _fused
+from lightning_l2l.nets import (
+    CoordinatewiseLinear,
+    CoordinatewiseLSTM,
+    MomentMLP,
+    PerKindRule,
+    ScaledRule,
+    _fused,
+)
 from lightning_l2l.nets._fused import fused_lstm_status, fused_lstm_supports
 
 needs_kernel = pytest.mark.skipif(
@@ -183,8 +190,8 @@ def test_fused_argument_checks():
         LearnedOptimizer(p, "conv", fused="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="exclude each other"):
         LearnedOptimizer(p, "conv", fused=True, compile=True)
-    with pytest.raises(ValueError, match="no CoordinatewiseLSTM"):
-        LearnedOptimizer(p, MomentMLP(), fused=True)
+    with pytest.raises(ValueError, match="no CoordinatewiseLSTM or MomentMLP"):
+        LearnedOptimizer(p, CoordinatewiseLinear(), fused=True)
 
 
 def test_step_in_place_of_wrappers_matches_their_forward():

@@ -101,9 +101,12 @@ def _torch_libgomp() -> bool:
         return False
 
 
-@functools.cache
-def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, str]:
-    """``(the kernels for this network shape, "")``, or ``(None, why not)``."""
+def build(source: Path, defines: list[str]) -> tuple[ctypes.CDLL | None, str]:
+    """``(the kernel library of source, "")`` built with ``defines`` for this CPU (cached), or ``(None, why not)``.
+
+    With OpenMP first where torch runs on libgomp (:func:`_torch_libgomp`); the library's ``openmp`` attribute
+    says whether it was. Used by the LSTM's kernels here and by :mod:`~lightning_l2l.nets._fused_moments`.
+    """
     if os.environ.get("L2L_FUSED") == "0":
         return None, "turned off by L2L_FUSED=0"
     if sys.platform == "win32":
@@ -111,20 +114,19 @@ def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, st
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (install gcc or clang, or set CC)"
-    source = _SOURCE.read_bytes()
-    defines = [f"-DH={hidden}", f"-DL={layers}", f"-DNIN={nin}"]
+    text = source.read_bytes()
     errors = []
     openmp = [[*f, _OPENMP] for f in _FLAGS] if _torch_libgomp() else []
     for flags in [*openmp, *_FLAGS]:
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags + defines).encode(),
+        key = hashlib.sha256(b"\0".join([text, cc.encode(), " ".join(flags + defines).encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
-        target = _cache_dir() / f"lstm_step_{key}.so"
+        target = _cache_dir() / f"{source.stem}_{key}.so"
         if not target.exists():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
                 os.close(fd)
-                cmd = [*cc.split(), *flags, *defines, "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"]
+                cmd = [*cc.split(), *flags, *defines, "-shared", "-fPIC", "-o", tmp, str(source), "-lm"]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
                 if out.returncode != 0:
                     os.unlink(tmp)
@@ -139,19 +141,29 @@ def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, st
         except OSError as err:
             errors.append(f"loading {target}: {err}")
             continue
-        f, i64 = ctypes.c_float, ctypes.c_int64
-        lib.l2l_lstm_step.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
-        lib.l2l_lstm_forward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
-        lib.l2l_lstm_backward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, f]
-        lib.l2l_lstm_step_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_step.argtypes]
-        lib.l2l_lstm_forward_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_forward.argtypes]
-        lib.l2l_lstm_backward_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_backward.argtypes]
-        for fn in (lib.l2l_lstm_step, lib.l2l_lstm_forward, lib.l2l_lstm_backward, lib.l2l_lstm_step_mt,
-                   lib.l2l_lstm_forward_mt, lib.l2l_lstm_backward_mt):
-            fn.restype = None
+        lib.l2l_openmp.restype = ctypes.c_int
         lib.openmp = bool(lib.l2l_openmp())
         return lib, ""
     return None, "building the fused kernel failed: " + " | ".join(errors)
+
+
+@functools.cache
+def _library(hidden: int, layers: int, nin: int) -> tuple[ctypes.CDLL | None, str]:
+    """``(the kernels for this network shape, "")``, or ``(None, why not)``."""
+    lib, why = build(_SOURCE, [f"-DH={hidden}", f"-DL={layers}", f"-DNIN={nin}"])
+    if lib is None:
+        return None, why
+    f, i64 = ctypes.c_float, ctypes.c_int64
+    lib.l2l_lstm_step.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
+    lib.l2l_lstm_forward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, f, f, f]
+    lib.l2l_lstm_backward.argtypes = [i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, f]
+    lib.l2l_lstm_step_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_step.argtypes]
+    lib.l2l_lstm_forward_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_forward.argtypes]
+    lib.l2l_lstm_backward_mt.argtypes = [ctypes.c_int, *lib.l2l_lstm_backward.argtypes]
+    for fn in (lib.l2l_lstm_step, lib.l2l_lstm_forward, lib.l2l_lstm_backward, lib.l2l_lstm_step_mt,
+               lib.l2l_lstm_forward_mt, lib.l2l_lstm_backward_mt):
+        fn.restype = None
+    return lib, ""
 
 
 def _shape(rule: CoordinatewiseLSTM) -> tuple[int, int, int]:
@@ -261,6 +273,29 @@ def _parallel(n: int, run: Callable[[int, int], None], parts: int | None = None)
         f.result()
 
 
+def run_step(lib: ctypes.CDLL, name: str, grad: Tensor, state: Tensor, keep: Tensor | None, *rest: Any) -> Tensor:
+    """Call a frozen in-place step kernel ``name(n, grad, keep, state, update, *rest)`` (or its ``name_mt``, split
+    in runs on OpenMP's threads) on float32 ``grad`` and ``state``; returns the update in ``grad``'s dtype."""
+    g = grad.detach().to(torch.float32).contiguous()
+    k = None if keep is None else keep.to(torch.bool).contiguous().view(torch.uint8)
+    n = g.numel()
+    update = torch.empty(n, dtype=torch.float32)
+    row = state[0].numel() if n else 0
+    parts = _parts(n)
+    if parts > 1 and lib.openmp:
+        getattr(lib, name + "_mt")(parts, n, g.data_ptr(), None if k is None else k.data_ptr(), state.data_ptr(),
+                                   update.data_ptr(), *rest)
+    else:
+        step = getattr(lib, name)
+
+        def run(start: int, stop: int) -> None:
+            step(stop - start, g.data_ptr() + 4 * start, None if k is None else k.data_ptr() + start,
+                 state.data_ptr() + 4 * row * start, update.data_ptr() + 4 * start, *rest)
+
+        _parallel(n, run, parts)
+    return update.to(grad.dtype)
+
+
 def fused_lstm_step(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor, keep: Tensor | None = None) -> Tensor:
     """One frozen step of ``rule`` on ``(n,)`` ``grad``: writes the new state into ``state``, returns the update.
 
@@ -270,26 +305,8 @@ def fused_lstm_step(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor, keep:
     lib = _library(*_shape(rule))[0]
     assert lib is not None
     pk = _weights(rule)
-    g = grad.detach().to(torch.float32).contiguous()
-    k = None if keep is None else keep.to(torch.bool).contiguous().view(torch.uint8)
-    n = g.numel()
-    update = torch.empty(n, dtype=torch.float32)
-    row = state[0].numel() if n else 0
-    scale, p = float(rule.output_scale), float(rule.p)
-
-    def run(start: int, stop: int) -> None:
-        lib.l2l_lstm_step(stop - start, g.data_ptr() + 4 * start, None if k is None else k.data_ptr() + start,
-                          state.data_ptr() + 4 * row * start, update.data_ptr() + 4 * start,
-                          pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(), pk.wo.data_ptr(), pk.bo, scale, p)
-
-    parts = _parts(n)
-    if parts > 1 and lib.openmp:
-        lib.l2l_lstm_step_mt(parts, n, g.data_ptr(), None if k is None else k.data_ptr(), state.data_ptr(),
-                             update.data_ptr(), pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(), pk.wo.data_ptr(),
-                             pk.bo, scale, p)
-    else:
-        _parallel(n, run, parts)
-    return update.to(grad.dtype)
+    return run_step(lib, "l2l_lstm_step", grad, state, keep, pk.w.data_ptr(), pk.b.data_ptr(), pk.act.data_ptr(),
+                    pk.wo.data_ptr(), pk.bo, float(rule.output_scale), float(rule.p))
 
 
 # ------------------------------------------------------------------------------ differentiable

@@ -51,7 +51,8 @@ class LearnedOptimizerCallback(Callback):
         zero_grads: ``"skip"`` (default) leaves a coordinate whose gradient is exactly zero untouched,
             ``"update"`` lets the rule move it (see :class:`LearnedOptimizer`).
         compile: run the network through ``torch.compile`` (default ``False``; see :class:`LearnedOptimizer`).
-        fused: the fused CPU step of the LSTM (default ``None``: where it runs; see :class:`LearnedOptimizer`).
+        fused: the fused CPU step of the LSTM and of ``general``'s MomentMLP (default ``None``: where it runs;
+            see :class:`LearnedOptimizer`).
         log_stats: log the per-step statistics (default ``True``).
     """
 

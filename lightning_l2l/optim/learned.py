@@ -21,12 +21,14 @@ from lightning_l2l.nets import (
     ZERO_GRADS,
     CoordinatewiseLSTM,
     KindLayout,
+    MomentMLP,
     UpdateRule,
     apply_rule,
     params_by_kind,
     shape_kind,
 )
 from lightning_l2l.nets._fused import fused_lstm_status
+from lightning_l2l.nets._fused_moments import fused_moments_status
 from lightning_l2l.nets.kinds import portable_kind_map
 from lightning_l2l.pretrained import Weights, resolve
 
@@ -127,9 +129,10 @@ class LearnedOptimizer(Optimizer):
         compile: run the network through ``torch.compile`` (default ``False``). Updates equal the
             eager ones to float rounding. If compiling fails, the optimizer warns once and runs
             eagerly (an error the eager network raises too propagates).
-        fused: the fused step of :class:`~lightning_l2l.nets.CoordinatewiseLSTM` on CPU (a C kernel
-            built at first use with the system compiler; updates equal the eager ones to float32
-            rounding, several times faster: docs/usage.md). ``None`` (default): where it runs (CPU,
+        fused: the fused step of :class:`~lightning_l2l.nets.CoordinatewiseLSTM` and of
+            :class:`~lightning_l2l.nets.MomentMLP` (``general``) on CPU (C kernels built at first use with the
+            system compiler; updates equal the eager ones to float32 rounding, several times faster:
+            docs/usage.md). ``None`` (default): where it runs (CPU,
             float32 state, a C compiler found, ``compile=False``), eager elsewhere. ``True``: the same,
             but raise here if it cannot run on this machine. ``False``: always the eager network.
 
@@ -464,15 +467,16 @@ def _compiled(
 
 
 def _check_fused(rule: UpdateRule) -> None:
-    """``fused=True``: the rule must hold a :class:`CoordinatewiseLSTM` and its kernel must build here."""
-    lstms = [m for m in rule.modules() if isinstance(m, CoordinatewiseLSTM)]
-    if not lstms:
+    """``fused=True``: the rule must hold a network with a fused step (:class:`CoordinatewiseLSTM`,
+    :class:`MomentMLP`) and its kernel must build here."""
+    nets = [m for m in rule.modules() if isinstance(m, (CoordinatewiseLSTM, MomentMLP))]
+    if not nets:
         raise ValueError(
-            f"fused=True, but the rule ({type(rule).__name__}) has no CoordinatewiseLSTM, the one network with a "
-            "fused step; leave fused=None"
+            f"fused=True, but the rule ({type(rule).__name__}) has no CoordinatewiseLSTM or MomentMLP, the networks "
+            "with a fused step; leave fused=None"
         )
-    for lstm in lstms:
-        why = fused_lstm_status(lstm)
+    for net in nets:
+        why = fused_lstm_status(net) if isinstance(net, CoordinatewiseLSTM) else fused_moments_status(net)
         if why is not None:
             raise RuntimeError(f"fused=True, but the fused step cannot run here: {why}; or pass fused=None (eager)")
 
