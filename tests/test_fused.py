@@ -340,3 +340,27 @@ def test_meta_gradient_of_an_unroll_matches_eager(monkeypatch):
     eager = meta_grad()
     for got, want in zip(fused, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_a_failed_openmp_build_falls_back_and_is_not_retried(monkeypatch, tmp_path):
+    """An -fopenmp build that fails (here a flag the compiler refuses) leaves a kernel without OpenMP, which runs
+    its runs on Python threads, and a marker, so that the next start does not compile it again."""
+    monkeypatch.setenv("L2L_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(_fused, "_OPENMP", "-fno-such-flag-l2l")
+    monkeypatch.setattr(_fused, "_torch_libgomp", lambda: True)
+    calls = []
+    real_run = _fused.subprocess.run
+
+    def counted(cmd, *args, **kwargs):
+        calls.append(cmd)
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(_fused.subprocess, "run", counted)
+    lib, why = _fused.build(_fused._SOURCE, ["-DH=4", "-DL=1", "-DNIN=2"])
+    assert lib is not None and why == "" and not lib.openmp
+    built = len(calls)  # the OpenMP flag sets (each fails), then the first set without OpenMP
+    assert built >= 2 and all("-fno-such-flag-l2l" in c for c in calls[:-1]) and "-fno-such-flag-l2l" not in calls[-1]
+    assert len(list(tmp_path.glob("*.failed"))) == built - 1
+    lib, why = _fused.build(_fused._SOURCE, ["-DH=4", "-DL=1", "-DNIN=2"])
+    assert lib is not None and len(calls) == built  # neither the failed builds nor the good one compiled again

@@ -121,6 +121,10 @@ def build(source: Path, defines: list[str]) -> tuple[ctypes.CDLL | None, str]:
         key = hashlib.sha256(b"\0".join([text, cc.encode(), " ".join(flags + defines).encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
         target = _cache_dir() / f"{source.stem}_{key}.so"
+        failed = target.with_suffix(".failed")  # an OpenMP build that failed here: not retried at every start
+        if not target.exists() and failed.exists():
+            errors.append(failed.read_text(errors="replace"))
+            continue
         if not target.exists():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +135,8 @@ def build(source: Path, defines: list[str]) -> tuple[ctypes.CDLL | None, str]:
                 if out.returncode != 0:
                     os.unlink(tmp)
                     errors.append(f"{' '.join(cmd)}: {out.stderr.strip()[-500:]}")
+                    if _OPENMP in flags:  # the build without OpenMP follows; delete the cache to retry this one
+                        failed.write_text(errors[-1])
                     continue
                 os.replace(tmp, target)  # atomic: processes building at once do not see half a file
             except (OSError, subprocess.SubprocessError) as err:
