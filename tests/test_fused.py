@@ -349,6 +349,7 @@ def test_a_failed_openmp_build_falls_back_and_is_not_retried(monkeypatch, tmp_pa
     monkeypatch.setenv("L2L_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(_fused, "_OPENMP", "-fno-such-flag-l2l")
     monkeypatch.setattr(_fused, "_torch_libgomp", lambda: True)
+    monkeypatch.setattr(_fused, "_is_gcc", lambda cc: True)
     calls = []
     real_run = _fused.subprocess.run
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_l2l import LearnedOptimizer
 from lightning_l2l.nets import MomentMLP, _fused, _fused_moments
+from lightning_l2l.nets import moments as moments_module
 from lightning_l2l.nets._fused_moments import fused_moments_status, fused_moments_supports
 from lightning_l2l.pretrained import resolve
 
@@ -66,6 +67,8 @@ def test_fused_step_matches_forward(name):
     t = 1, no further than eager; the kernel's 1 - beta^t as -expm1(t log beta) is often closer)."""
     rule = RULES[name]()
     n = 1003  # not a multiple of the vector width: the last coordinates run in a partial block
+    with torch.no_grad():
+        assert fused_moments_supports(rule, torch.zeros(n), rule.init_state(n))  # so "fused" below is the kernel
     fused, eager = _steps(rule, n, 30, True), _steps(rule, n, 30, False)
     exact = _steps(rule.double(), n, 30, False, torch.float64)
     rule.float()
@@ -116,7 +119,18 @@ def test_learned_optimizer_general_fused_matches_eager():
             opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(run(None), run(False), strict=True):
+    calls = []
+    real = _fused_moments.fused_moments_step
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moments_module, "fused_moments_step", spy)
+        fused = run(None)
+    assert calls  # the kernel took the steps
+    for a, b in zip(fused, run(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -128,6 +142,10 @@ def test_fused_step_is_not_used_where_it_does_not_apply():
     rule.float()
     with torch.enable_grad():
         assert not fused_moments_supports(rule, g.requires_grad_(), state)
+        frozen_head = MomentMLP()
+        frozen_head.head.requires_grad_(False)  # the MLP still trains: its graph is needed
+        assert not fused_moments_supports(frozen_head, g.detach(), state)
+    assert fused_moments_supports(rule.requires_grad_(False), g.detach(), state) or fused_moments_status() is not None
     assert not fused_moments_supports(rule, torch.randn(10, 1), state)
     assert not fused_moments_supports(rule, torch.randn(9), state)
 

@@ -94,11 +94,20 @@ def _torch_libgomp() -> bool:
     (Intel's or LLVM's OpenMP, macOS) an -fopenmp build would load a second runtime: not done."""
     if os.environ.get("L2L_FUSED_OPENMP") == "0" or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
-    try:
+    try:  # under the soname a GCC -fopenmp build asks for (wheels that rename it would bring a second copy)
         with open("/proc/self/maps") as maps:
-            return any("/libgomp" in line for line in maps)
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
     except OSError:
         return False
+
+
+def _is_gcc(cc: str) -> bool:
+    """Whether ``cc`` is GCC (clang's -fopenmp links LLVM's libomp, a second runtime beside torch's libgomp)."""
+    try:
+        out = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out.stdout.lower() and "free software foundation" in out.stdout.lower()
 
 
 def build(source: Path, defines: list[str]) -> tuple[ctypes.CDLL | None, str]:
@@ -116,7 +125,7 @@ def build(source: Path, defines: list[str]) -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found (install gcc or clang, or set CC)"
     text = source.read_bytes()
     errors = []
-    openmp = [[*f, _OPENMP] for f in _FLAGS] if _torch_libgomp() else []
+    openmp = [[*f, _OPENMP] for f in _FLAGS] if _torch_libgomp() and _is_gcc(cc) else []
     for flags in [*openmp, *_FLAGS]:
         key = hashlib.sha256(b"\0".join([text, cc.encode(), " ".join(flags + defines).encode(),
                                          _cpu_id().encode()])).hexdigest()[:20]
@@ -299,6 +308,7 @@ def run_step(lib: ctypes.CDLL, name: str, grad: Tensor, state: Tensor, keep: Ten
                  state.data_ptr() + 4 * row * start, update.data_ptr() + 4 * start, *rest)
 
         _parallel(n, run, parts)
+    torch.autograd.graph.increment_version(state)  # written through a pointer: as state.copy_ would, for autograd's checks
     return update.to(grad.dtype)
 
 

@@ -70,7 +70,10 @@ def fused_moments_supports(rule: MomentMLP, grad: Tensor, state: Tensor) -> bool
         and state.is_contiguous()
         and state.shape == (grad.shape[0], rule.state_size)
         and all(isinstance(m, (nn.Linear, nn.ReLU)) for m in rule.mlp)
-        and not (torch.is_grad_enabled() and (grad.requires_grad or state.requires_grad or weight.requires_grad))
+        and not (
+            torch.is_grad_enabled()
+            and (grad.requires_grad or state.requires_grad or any(p.requires_grad for p in rule.parameters()))
+        )
         and _library(*_shape(rule))[0] is not None
     )
 

@@ -250,7 +250,7 @@ def _step(
     # in place, an UpdateRule writes its state itself (a compiled network is a plain callable)
     step_ = getattr(rule, "step_", None) if inplace and isinstance(rule, UpdateRule) else None
     for s in range(0, n, size):
-        gc, hc = g[s : s + size], h[s : s + size]
+        gc, hc = (g, h) if size >= n else (g[s : s + size], h[s : s + size])  # no slice (and its backward) if one chunk
         if step_ is not None:
             u = step_(gc, hc, kind, keep[s : s + size] if mask else None, fused=fused)  # (chunk,)
             if update is not None:

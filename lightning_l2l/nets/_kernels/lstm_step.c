@@ -253,7 +253,7 @@ void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, cons
     static __thread float dt[TB][L][NV * VW] __attribute__((aligned(64)));
     static __thread float inr[TB][KROWS] __attribute__((aligned(64)));
     float gh[H], g_in[KPAD] __attribute__((aligned(64)));
-    float go[H + 1];
+    double go[H + 1]; /* summed over every coordinate of the run: in double, as torch's sum would be accurate */
     memset(dt, 0, sizeof dt); /* the lanes past 4 H stay 0 */
     memset(go, 0, sizeof go);
     for (int64_t t0 = 0; t0 < n; t0 += TB) {
@@ -266,7 +266,7 @@ void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, cons
             float *gi = gin + i * (int64_t)(L * 2 * H);
             const float gui = gu[i] * scale;
             const float *hl = state_out + i * (int64_t)(L * 2 * H) + (L - 1) * 2 * H; /* the output layer's input */
-            if (i + PF < t0 + m + TB && i + PF < n) { /* what a coordinate PF ahead reads: out of memory, not cache */
+            if (i + PF < n) { /* what a coordinate PF ahead reads: out of memory, not cache */
                 const int64_t f = i + PF;
                 for (int c = 0; c < SAVE * 4; c += 64) __builtin_prefetch((const char *)(save + f * (int64_t)SAVE) + c);
                 for (int c = 0; c < L * 2 * H * 4; c += 64) {
@@ -342,7 +342,7 @@ void l2l_lstm_backward(int64_t n, const float *save, const float *state_in, cons
             for (int v = 0; v < NV; ++v) vstore(brow + v * VW, vload(brow + v * VW) + bacc[v]);
         }
     }
-    for (int j = 0; j <= H; ++j) gwo[j] += go[j];
+    for (int j = 0; j <= H; ++j) gwo[j] += (float)go[j];
 }
 
 /* Built with -fopenmp (where the process's OpenMP runtime is torch's libgomp, which the loader then shares):
