@@ -211,8 +211,8 @@ def fused_lstm_supports(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor) -
     )
 
 
-# the packed weights of each rule, rebuilt when a weight changes (by identity or in place)
-_packed: weakref.WeakKeyDictionary[CoordinatewiseLSTM, tuple[tuple[int, ...], _Packed]] = weakref.WeakKeyDictionary()
+# each rule's weights as its kernel reads them, rebuilt when a weight changes (by identity or in place)
+_packed: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -228,13 +228,24 @@ class _Packed(NamedTuple):
     wt: Tensor  # the backward's: per layer (4 hidden, KPAD) [W_ifo; W_g], rows zero-padded
 
 
-def _weights(rule: CoordinatewiseLSTM) -> _Packed:
-    params = list(rule.parameters())
-    key = tuple(x for p in params for x in (id(p), p.data_ptr(), p._version))
+def packed_weights(rule: torch.nn.Module, pack: Callable[[], Any]) -> Any:
+    """``pack()``'s result for ``rule``, cached until one of its weights changes (by identity or in place)."""
+    key = tuple(x for p in rule.parameters() for x in (id(p), p.data_ptr(), p._version))
     with _lock:
         hit = _packed.get(rule)
         if hit is not None and hit[0] == key:
             return hit[1]
+    packed = pack()
+    with _lock:
+        _packed[rule] = (key, packed)
+    return packed
+
+
+def _weights(rule: CoordinatewiseLSTM) -> _Packed:
+    return packed_weights(rule, lambda: _pack(rule))
+
+
+def _pack(rule: CoordinatewiseLSTM) -> _Packed:
     hidden, nin = rule.hidden_size, _shape(rule)[2]
     width = -(-4 * hidden // _PAD) * _PAD
     kpad = -(-(hidden + max(nin, hidden)) // _PAD) * _PAD
@@ -254,12 +265,9 @@ def _weights(rule: CoordinatewiseLSTM) -> _Packed:
             wts.append(pad(w, (0, kpad - w.shape[1])).reshape(-1))
             b = torch.cat([cell.bias_ifo, cell.bias_g])  # (4 hidden,)
             bs.append(pad(b.float(), (0, width - 4 * hidden)).mul(-s))
-        packed = _Packed(torch.cat(ws).contiguous(), torch.cat(bs).contiguous(), torch.cat([a, c]).contiguous(),
-                         rule.out.weight.detach().float().reshape(-1).contiguous(), float(rule.out.bias),
-                         torch.cat(wts).contiguous())
-    with _lock:
-        _packed[rule] = (key, packed)
-    return packed
+        return _Packed(torch.cat(ws).contiguous(), torch.cat(bs).contiguous(), torch.cat([a, c]).contiguous(),
+                       rule.out.weight.detach().float().reshape(-1).contiguous(), float(rule.out.bias),
+                       torch.cat(wts).contiguous())
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

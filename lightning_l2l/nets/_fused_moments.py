@@ -15,15 +15,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import threading
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_l2l.nets._fused import _P, build, run_step
+from lightning_l2l.nets._fused import _P, build, packed_weights, run_step
 
 if TYPE_CHECKING:
     from lightning_l2l.nets.moments import MomentMLP
@@ -84,26 +82,16 @@ class _Packed(NamedTuple):
     w: Tensor  # per hidden layer its weight (HID, inputs) and bias, then the head's weight (2, inputs) and bias
 
 
-_packed: weakref.WeakKeyDictionary[MomentMLP, tuple[tuple[int, ...], _Packed]] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
 def _weights(rule: MomentMLP) -> _Packed:
-    params = list(rule.parameters())
-    key = tuple(x for p in params for x in (id(p), p.data_ptr(), p._version))
-    with _lock:
-        hit = _packed.get(rule)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+    return packed_weights(rule, lambda: _pack(rule))
+
+
+def _pack(rule: MomentMLP) -> _Packed:
     beta = torch.tensor([*rule.momentum_betas, *rule.rms_betas], dtype=torch.float32)
-    logb = beta.double().log().float()
     linears = [m for m in rule.mlp if isinstance(m, nn.Linear)] + [rule.head]
     with torch.no_grad():
         w = torch.cat([t.detach().float().reshape(-1) for m in linears for t in (m.weight, m.bias)]).contiguous()
-    packed = _Packed(beta, logb, w)
-    with _lock:
-        _packed[rule] = (key, packed)
-    return packed
+    return _Packed(beta, beta.double().log().float(), w)
 
 
 def fused_moments_step(rule: MomentMLP, grad: Tensor, state: Tensor, keep: Tensor | None = None) -> Tensor:
