@@ -105,7 +105,13 @@ def test_fused_step_follows_weight_changes():
         rule.out.bias = nn.Parameter(torch.tensor([0.3]), requires_grad=False)
         fused = rule.step_(g, state.clone())
         eager = rule.step_(g, state.clone(), fused=False)
-    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+        # through .data, which does not bump the parameter's version counter (e.g. weights loaded by hand)
+        rule.cells[0].weight_ifo.data.copy_(torch.randn_like(rule.cells[0].weight_ifo) * 0.3)
+        rule.out.weight.data.mul_(3)
+        fused = rule.step_(g, state.clone())
+        eager = rule.step_(g, state.clone(), fused=False)
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_is_not_used_where_it_does_not_apply():

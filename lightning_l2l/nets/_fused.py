@@ -211,8 +211,8 @@ def fused_lstm_supports(rule: CoordinatewiseLSTM, grad: Tensor, state: Tensor) -
     )
 
 
-# each rule's weights as its kernel reads them, rebuilt when a weight changes (by identity or in place)
-_packed: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+# each rule's weights as its kernel reads them, rebuilt when a weight changes (by identity or by value)
+_packed: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], list[Tensor], Any]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -229,15 +229,21 @@ class _Packed(NamedTuple):
 
 
 def packed_weights(rule: torch.nn.Module, pack: Callable[[], Any]) -> Any:
-    """``pack()``'s result for ``rule``, cached until one of its weights changes (by identity or in place)."""
-    key = tuple(x for p in rule.parameters() for x in (id(p), p.data_ptr(), p._version))
+    """``pack()``'s result for ``rule``, cached until one of its weights changes (by identity or by value).
+
+    The values are compared with a copy taken when the weights were packed, not by the parameters' version
+    counters: ``p.data.copy_(...)`` (weights loaded by hand) changes a parameter without bumping its counter.
+    A rule has a few thousand weights: the comparison costs microseconds a step."""
+    params = [p.detach() for p in rule.parameters()]
+    ids = tuple(id(p) for p in rule.parameters())
     with _lock:
         hit = _packed.get(rule)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+    if hit is not None and hit[0] == ids and all(torch.equal(a, b) for a, b in zip(hit[1], params, strict=True)):
+        return hit[2]
+    snapshot = [p.clone() for p in params]
     packed = pack()
     with _lock:
-        _packed[rule] = (key, packed)
+        _packed[rule] = (ids, snapshot, packed)
     return packed
 
 
