@@ -2,6 +2,7 @@
 
     python benchmarks/neural_art.py --baselines                     # tune and run the baselines (cached)
     python benchmarks/neural_art.py --weights runs/neural_art/checkpoints/best.ckpt   # the report, once
+    python benchmarks/neural_art.py --select neural_art 'runs/neural_art_stage2/checkpoints/step=*.ckpt'
 
 Two test conditions, as in the paper's Figure 8: the training style (``stained_glass``) at 64x64, and a new
 style (``dalmatian``) at 128x128, four times the parameters. Content images are crops of the *test*
@@ -15,6 +16,12 @@ loss at step 128 on *validation* content images (``split="val"``; never scored):
 quarter decades around its best; at 128x128, quarter decades within half a decade of the 64x64 rate (both
 widened where the best is at an edge). Adam at 1e-3,
 untuned, beside them. The learned rule runs at multiplier 1 (nothing tuned on test images).
+
+**Choosing a checkpoint** (``--select``): every candidate runs 128 steps on *validation* photographs only, with
+the training style at 64x64 and at 128x128 (:data:`SELECT_CONDITIONS`: the resolution of the second test, never
+its style), crops from their own seed stream, each rule at the update multipliers ``--select-lrs``; the score is the mean over both conditions of the mean log loss
+at step 128 (lower is better). Tuned Adam and L-BFGS (their 64x64 validation rates) run beside as a reference.
+Nothing here touches a test photograph or the new style.
 
 Writes ``--out``/README.md (tables: mean ± s.e.m. over test images), curves.csv, curves.png (Figure 8 style:
 log loss against step) and triple_*.png (Figure 9 style: content, style, learned, tuned Adam), and logs
@@ -38,7 +45,7 @@ from lightning_l2l.evaluation import baseline_curve, baseline_final_loss
 from lightning_l2l.evaluation.cache import json_cached
 from lightning_l2l.pretrained import resolve
 from lightning_l2l.tasks import NeuralArtFamily
-from lightning_l2l.trajectory import Trajectory, rule_curve, unroll
+from lightning_l2l.trajectory import Trajectory, rule_curve, rule_final_loss, unroll
 
 from conv_compare import mean_sem  # isort: skip  (benchmarks/ is on sys.path when run)
 from paper_oos import weights_key  # isort: skip
@@ -56,6 +63,9 @@ TITLES = {"train_style_64": "training style (stained glass), 64x64", "new_style_
 DECADES = {"sgd": (-1, 3), "nag": (-2, 2), "rmsprop": (-4, 0), "adam": (-4, 0), "lbfgs": (-2, 2)}
 REPORT_STEPS = (0, 16, 32, 64, 128)
 VAL_STREAM, TEST_STREAM = 100, 200
+#: checkpoint selection (``--select``): name -> (size, style, validation crops), validation photographs only
+SELECT_CONDITIONS = {"train_style_64": (64, "stained_glass", 6), "train_style_128": (128, "stained_glass", 4)}
+SELECT_STREAM = 300
 
 
 def family(condition: str, split: str) -> NeuralArtFamily:
@@ -108,11 +118,13 @@ def baseline_test_curves(cache: Path, condition: str, test: list, name: str, lr:
                        lambda: [baseline_curve(name, lr, t, STEPS).tolist() for t in test])
 
 
-def run_baselines(cache: Path, log=print) -> dict[str, dict[str, float]]:
-    """Tune every baseline per condition; returns ``{condition: {baseline: lr}}`` (and runs them on the test images)."""
+def run_baselines(cache: Path, log=print, test_runs: bool = True) -> dict[str, dict[str, float]]:
+    """Tune every baseline per condition; returns ``{condition: {baseline: lr}}`` (and, with ``test_runs``, runs
+    them on the test images)."""
     lrs: dict[str, dict[str, float]] = {}
     for condition in CONDITIONS:
-        val, test = tasks(condition, "val"), tasks(condition, "test")
+        val = tasks(condition, "val")
+        test = tasks(condition, "test") if test_runs else []
         lrs[condition] = {}
         for name in BASELINES:
             t0 = time.perf_counter()
@@ -120,10 +132,12 @@ def run_baselines(cache: Path, log=print) -> dict[str, dict[str, float]]:
             best, scores = tune(cache, condition, val, name, centre)
             edge = best in (min(scores), max(scores))
             lrs[condition][name] = 10.0 ** best
-            baseline_test_curves(cache, condition, test, name, 10.0 ** best)
+            if test_runs:
+                baseline_test_curves(cache, condition, test, name, 10.0 ** best)
             log(f"{condition} {name}: lr 1e{best:+.2f}{' (grid edge)' if edge else ''}, val loss {scores[best]:.4g} "
                 f"({time.perf_counter() - t0:.0f} s)")
-        baseline_test_curves(cache, condition, test, "adam", 1e-3)
+        if test_runs:
+            baseline_test_curves(cache, condition, test, "adam", 1e-3)
     return lrs
 
 
@@ -269,10 +283,60 @@ def report(args: argparse.Namespace) -> str:
     return text
 
 
+def select(args: argparse.Namespace) -> str:
+    """Score checkpoints on validation photographs (:data:`SELECT_CONDITIONS`); returns a markdown table."""
+    from paper_oos import candidates  # isort: skip
+
+    cache = Path(args.cache)
+    lrs = run_baselines(cache, log=lambda s: print(s, file=sys.stderr), test_runs=False)["train_style_64"]
+    sets = {}
+    for cond, (size, style, n) in SELECT_CONDITIONS.items():
+        g = torch.Generator().manual_seed(SELECT_STREAM)
+        fam = NeuralArtFamily(split="val", size=size, style=style)
+        sets[cond] = [fam.sample(g) for _ in range(n)]
+
+    def rule_finals(cond: str, weights: str, lr: float) -> list[float]:
+        def compute() -> list[float]:
+            rule = resolve(weights)[0].eval().requires_grad_(False)
+            return [_finite(float(rule_final_loss(rule, t, STEPS, lr=lr))) for t in sets[cond]]
+
+        suffix = "" if lr == 1 else f"-x{lr!r}"
+        return json_cached(cache, f"select-{cond}-rule-{weights_key(weights)}-{STEPS}{suffix}", compute)
+
+    def base_finals(cond: str, name: str) -> list[float]:
+        return json_cached(cache, f"select-{cond}-{name}-{lrs[name]!r}-{STEPS}",
+                           lambda: [_finite(float(baseline_final_loss(name, lrs[name], t, STEPS))) for t in sets[cond]])
+
+    rows = {f"{n} (lr {lrs[n]:.3g}, reference)": {c: base_finals(c, n) for c in sets} for n in ("adam", "lbfgs")}
+    for w in candidates(args.select):
+        for lr in args.select_lrs:
+            t0 = time.perf_counter()
+            rows[w if lr == 1 else f"{w} x{lr:g}"] = {c: rule_finals(c, w, lr) for c in sets}
+            print(f"{w} x{lr:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    def meanlog(xs: list[float]) -> float:
+        return statistics.fmean(math.log(x) for x in xs) if all(0 < x < math.inf for x in xs) else math.inf
+
+    lines = [f"Validation photographs only; {', '.join(f'{c}: {n} crops' for c, (_, _, n) in SELECT_CONDITIONS.items())}; "
+             f"mean loss at step {STEPS} and score = mean over conditions of the mean log loss (lower is better).", "",
+             "| rule | " + " | ".join(f"{c} @{STEPS}" for c in sets) + " | score |", "|---|" + "---|" * (len(sets) + 1)]
+    scored = {r: statistics.fmean(meanlog(v) for v in per.values()) for r, per in rows.items()}
+    for r in rows:
+        cells = " | ".join(f"{statistics.fmean(v):.4f}" for v in rows[r].values())
+        lines.append(f"| {r} | {cells} | {scored[r]:+.4f} |")
+    chosen = min((r for r in rows if not r.endswith("reference)")), key=scored.__getitem__)
+    lines += ["", f"Chosen (lowest score): `{chosen}`."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baselines", action="store_true", help="tune and run the baselines only (fills the cache)")
     parser.add_argument("--weights", help="the learned rule: a shipped name, .safetensors or MetaLearner .ckpt")
+    parser.add_argument("--select", nargs="+", metavar="WEIGHTS",
+                        help="score these rules (names, .safetensors, .ckpt; globs) on validation photographs only")
+    parser.add_argument("--select-lrs", nargs="+", type=float, default=[1.0], metavar="X",
+                        help="with --select: also score each rule with its updates times X (LearnedOptimizer(lr=X))")
     parser.add_argument("--cache", default=str(ROOT / "runs" / "neural_art_cache"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "neural_art"))
     parser.add_argument("--threads", type=int, default=1)
@@ -283,10 +347,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.baselines:
         for condition, per in run_baselines(Path(args.cache)).items():
             print(condition, {k: f"{v:.3g}" for k, v in per.items()})
+    elif args.select:
+        print(select(args))
     elif args.weights:
         print(report(args))
     else:
-        parser.error("pass --baselines or --weights")
+        parser.error("pass --baselines, --select or --weights")
 
 
 if __name__ == "__main__":

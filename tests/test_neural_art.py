@@ -290,3 +290,39 @@ def test_benchmark_report_shrunk(tmp_path, monkeypatch):
     monkeypatch.setattr(na, "rule_curve", fail)
     na.main([*args, "--wandb", "disabled"])
     assert (out / "README.md").read_text() == text
+
+
+@needs_vgg
+@needs_images
+def test_benchmark_select_shrunk(tmp_path, monkeypatch, capsys):
+    """--select on tiny images: validation photographs only (no test task is sampled), every rule and multiplier
+    a row beside the tuned Adam / L-BFGS references, the lowest score chosen, runs cached."""
+    from lightning_l2l.nets import CoordinatewiseLSTM, save_rule
+    from tests.benchmark_scripts import load_benchmark
+
+    na = load_benchmark("neural_art")
+    monkeypatch.setattr(na, "CONDITIONS", {"train_style_64": (16, "stained_glass", 1, 1),
+                                           "new_style_128": (24, "dalmatian", 1, 1)})
+    monkeypatch.setattr(na, "SELECT_CONDITIONS", {"train_style_64": (16, "stained_glass", 2),
+                                                  "train_style_128": (24, "stained_glass", 1)})
+    monkeypatch.setattr(na, "STEPS", 3)
+    monkeypatch.setattr(na, "DECADES", {n: (-2, 0) for n in na.BASELINES})
+    torch.manual_seed(0)
+    a = save_rule(CoordinatewiseLSTM(hidden_size=4), tmp_path / "a")
+    b = save_rule(CoordinatewiseLSTM(hidden_size=4), tmp_path / "b")
+    splits = []
+    sample = na.NeuralArtFamily.sample
+    monkeypatch.setattr(na.NeuralArtFamily, "sample", lambda self, g: splits.append(self.split) or sample(self, g))
+    args = ["--select", str(a), str(b), "--select-lrs", "1", "2", "--cache", str(tmp_path / "cache")]
+    na.main(args)
+    text = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert {f"{a}", f"{a} x2", f"{b}", f"{b} x2"} <= set(rows) and sum("reference" in r for r in rows) == 2
+    scores = {r: float(line.rstrip(" |").split(" | ")[-1]) for r, line in rows.items() if r != "rule" and "---" not in r}
+    chosen = min((r for r in scores if "reference" not in r), key=scores.__getitem__)
+    assert f"Chosen (lowest score): `{chosen}`." in text
+    # validation photographs only: the baselines' tuning and every scored run (no test image is drawn)
+    assert set(splits) == {"val"}
+    monkeypatch.setattr(na, "rule_final_loss", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    na.main(args)  # the second run reads every rule's runs back from the cache
+    assert capsys.readouterr().out == text
