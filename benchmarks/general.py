@@ -27,8 +27,8 @@ steps, the held-out loss at steps 200, 500 and 1,000. A run "diverged" when its 
 above 10x its initial loss; a diverged run counts as its initial loss in the means.
 
 **--select** evaluates meta-training checkpoints (each at the update multipliers ``--select-lrs``) on
-``--select-tasks`` validation tasks of ``GeneralFamily("val")`` at ``--select-steps`` steps (default 1,000,
-five times the meta-training horizon): the mean, median and worst over tasks of log(held-out loss of the
+``--select-tasks`` validation tasks of ``GeneralFamily("val")`` (``--select-architectures``: of those
+architectures) at ``--select-steps`` steps (default 1,000, five times the meta-training horizon): the mean, median and worst over tasks of log(held-out loss of the
 rule / that of Adam at 1e-3), and on how many tasks the rule is better; the checkpoint to ship
 (``l2l export --ckpt ... [--lr M]``) is chosen from these lines only.
 """
@@ -342,14 +342,15 @@ def select(args: argparse.Namespace) -> None:
     from lightning_l2l.tasks import GeneralFamily
     from lightning_l2l.trajectory import rule_losses_at
 
-    family = GeneralFamily("val", data_dir=args.data_dir)
+    family = GeneralFamily("val", data_dir=args.data_dir, architectures=args.select_architectures)
     g = torch.Generator().manual_seed(77)
     tasks = [family.sample(g) for _ in range(args.select_tasks)]
     at = recorded(args.select_steps)
+    archs = "" if args.select_architectures is None else "-" + "+".join(args.select_architectures)
 
     def reference(lr: float) -> list[list[float]]:  # Adam on the validation tasks, cached: every call needs it
         source = "installed" if args.data_dir is None else Path(args.data_dir).name
-        return [json_cached(args.select_cache, f"general-val-{source}-77-{i}-adam-{lr!r}-{at}",
+        return [json_cached(args.select_cache, f"general-val-{source}{archs}-77-{i}-adam-{lr!r}-{at}",
                             lambda t=t: baseline_losses_at("adam", lr, t, at).tolist()) for i, t in enumerate(tasks)]
 
     adam = reference(1e-3)
@@ -395,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="MomentMLP decay_steps to try each candidate at (0: as saved)")
     parser.add_argument("--select-cache", default="runs/general_select_cache",
                         help="where --select keeps Adam's losses on the validation tasks ('' : nowhere)")
+    parser.add_argument("--select-architectures", nargs="+", default=None, metavar="ARCH",
+                        help="draw --select's validation tasks from these GeneralFamily architectures "
+                             "(default: its default mixture; e.g. linear resconv, the opt-in ones)")
     parser.add_argument("--select-decay-power", type=float, default=0.5)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files for --select (default: installed)")
     args = parser.parse_args(argv)

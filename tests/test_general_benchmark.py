@@ -90,3 +90,12 @@ def test_select_decay_needs_a_moment_rule(bench, tmp_path):
     with pytest.raises(SystemExit, match="MomentMLP"):
         bench.main(["--select", str(tmp_path / "lstm.safetensors"), "--select-tasks", "1", "--select-steps", "2",
                     "--select-decay", "10", "--data-dir", str(FASHION_SAMPLE_DIR), "--select-cache", ""])
+
+
+def test_select_architectures_draws_the_named_ones(bench, tmp_path, capsys):
+    """--select-architectures: validation tasks of those architectures, cached apart from the default mixture's."""
+    bench.main(["--select", "init:1e-3", "--select-tasks", "2", "--select-steps", "5", "--select-architectures",
+                "linear", "--data-dir", str(FASHION_SAMPLE_DIR), "--select-cache", str(tmp_path / "cache")])
+    assert "init:1e-3: @5: mean" in capsys.readouterr().out
+    cached = [p.name for p in (tmp_path / "cache").glob("general-val-*-adam-*.json")]
+    assert len(cached) == 2 * 3 and all("-linear-77-" in n for n in cached)

@@ -9,7 +9,7 @@ import torch
 
 from lightning_l2l.nets import MomentMLP
 from lightning_l2l.tasks import GeneralFamily, GeneralTask
-from lightning_l2l.tasks.general import ARCHITECTURES
+from lightning_l2l.tasks.general import ARCHITECTURES, EXTRA_ARCHITECTURES
 from lightning_l2l.trajectory import frozen_run
 from tests.image_data import FASHION_SAMPLE_DIR
 
@@ -54,7 +54,7 @@ def test_the_mixture_covers_every_architecture_and_setting() -> None:
         assert word in details, word
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + EXTRA_ARCHITECTURES)
 def test_every_architecture_trains_and_reports_held_out_loss(arch: str) -> None:
     """Finite losses and gradients; 100 steps of Adam-like updates lower the held-out loss."""
     task = _tasks(1, seed=1, architectures=[arch])[0]
@@ -66,6 +66,20 @@ def test_every_architecture_trains_and_reports_held_out_loss(arch: str) -> None:
     before = float(task.eval_loss(task.init_params()))
     _, after = frozen_run(MomentMLP(lr=3e-3), task, 100, zero_grads="skip")
     assert math.isfinite(before) and float(after) < before, (repr(task), before, float(after))
+
+
+def test_extra_architectures_are_opt_in() -> None:
+    """The default mixture never draws the extras (its validation tasks stay what earlier rules were chosen on);
+    named, they are drawn, and the linear model is one layer (convex)."""
+    assert not {t.spec.architecture for t in _tasks(40)} & set(EXTRA_ARCHITECTURES)
+    tasks = _tasks(30, architectures=ARCHITECTURES + EXTRA_ARCHITECTURES)
+    assert set(EXTRA_ARCHITECTURES) <= {t.spec.architecture for t in tasks}
+    linear = [t for t in tasks if t.spec.architecture == "linear"]
+    assert all(len(t.init_params()) == 2 for t in linear)  # weight and bias
+    resconv = next(t for t in tasks if t.spec.architecture == "resconv")
+    assert "batch norm" in resconv.spec.detail and any("body" in n for n in resconv.init_params())
+    with pytest.raises(ValueError, match="linear"):
+        _family(architectures=["lnear"])
 
 
 def test_held_out_examples_are_not_training_examples() -> None:

@@ -10,7 +10,8 @@ that differ in architecture, data, batch size and initialisation. This family sa
   ReLU or tanh), residual MLPs (pre-norm blocks), MLP autoencoders (MSE), and Elman RNNs on sequences;
 - a **dataset**: Fashion-MNIST images average-pooled to 7x7 or 14x14 (a random subset of 2-10
   classes), Gaussian clusters, a random teacher network's regression targets (MSE), or a sequence
-  task (the sign of a noisy running sum) generated from the task's seed;
+  task (the sign of a noisy running sum) generated from the task's seed; on request
+  (:data:`EXTRA_ARCHITECTURES`) also linear models (convex) and residual conv nets with batch norm;
 - a **batch size** (16 / 32 / 64 / 128) and an **initialisation scale** (the layers' defaults
   times 0.5 / 1 / 2).
 
@@ -38,9 +39,13 @@ from lightning_l2l.tasks.base import TaskFamily
 from lightning_l2l.tasks.images import image_pools
 from lightning_l2l.tasks.module import LossFn, ModuleTask
 
-__all__ = ["ARCHITECTURES", "SPLITS", "GeneralFamily", "GeneralTask", "TaskSpec"]
+__all__ = ["ARCHITECTURES", "EXTRA_ARCHITECTURES", "SPLITS", "GeneralFamily", "GeneralTask", "TaskSpec"]
 
+#: what a :class:`GeneralFamily` samples by default
 ARCHITECTURES = ("mlp", "conv", "resmlp", "autoencoder", "rnn")
+#: sampled only where ``architectures=`` names them: linear models (softmax or linear regression: convex,
+#: the regime where a fast rule overfits) and residual conv nets with batch norm
+EXTRA_ARCHITECTURES = ("linear", "resconv")
 SPLITS = ("train", "val", "test")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 _SPLIT_SEED = {"train": 0, "val": 1_000_003, "test": 2_000_003}
@@ -106,7 +111,9 @@ class GeneralFamily(TaskFamily):
 
     Args:
         split: ``"train"`` (meta-training), ``"val"`` (checkpoint selection) or ``"test"``.
-        architectures: which of :data:`ARCHITECTURES` to sample (default: all, uniformly).
+        architectures: which of :data:`ARCHITECTURES` and :data:`EXTRA_ARCHITECTURES` to sample, uniformly
+            (default: :data:`ARCHITECTURES`; the extras are opt-in, so that the default validation tasks
+            stay the ones earlier rules were chosen on).
         dataset: the image dataset of the image tasks (``"fashion_mnist"``).
         data_dir: folder of its idx files (default: where ``dataset-fashion-mnist`` installs them).
         num_train: training examples per task.
@@ -129,9 +136,10 @@ class GeneralFamily(TaskFamily):
         if split not in SPLITS:
             raise ValueError(f"Invalid split: {split!r} (expected one of {SPLITS})")
         archs = tuple(architectures) if architectures is not None else ARCHITECTURES
-        unknown = [a for a in archs if a not in ARCHITECTURES]
+        known = ARCHITECTURES + EXTRA_ARCHITECTURES
+        unknown = [a for a in archs if a not in known]
         if unknown or not archs:
-            raise ValueError(f"Invalid architectures: {list(archs)} (expected a non-empty subset of {list(ARCHITECTURES)})")
+            raise ValueError(f"Invalid architectures: {list(archs)} (expected a non-empty subset of {list(known)})")
         if dataset != "fashion_mnist":
             raise ValueError(f"Invalid dataset: {dataset!r} (GeneralFamily's image tasks use 'fashion_mnist')")
         if num_train < 1 or num_eval < 1:
@@ -214,6 +222,21 @@ class GeneralFamily(TaskFamily):
             classes, side = int(y.max()) + 1, x.shape[-1]
             build = lambda: _conv(side, classes, depth, channels, bn, ACTIVATIONS[conv_act])  # noqa: E731
             detail = f"{depth} conv layers of {channels}, {conv_act}, {'batch norm' if bn else 'no norm'}"
+        elif arch == "resconv":
+            x, y, ex, ey, data = self._images(g)
+            blocks, channels = 1 + _pick(2, g), (4, 8, 16)[_pick(3, g)]
+            classes, side = int(y.max()) + 1, x.shape[-1]
+            build = lambda: _resconv(classes, blocks, channels)  # noqa: E731
+            detail = f"conv stem and {blocks} residual blocks of {channels} (conv, batch norm, relu)"
+        elif arch == "linear":  # convex: softmax regression on images or clusters, least squares on a teacher
+            source = ("images", "clusters", "teacher")[_pick(3, g)]
+            x, y, ex, ey, data = self._images(g) if source == "images" else self._vectors(g, source)
+            x, ex = x.flatten(1), ex.flatten(1)
+            regression = source == "teacher"
+            loss_fn = F.mse_loss if regression else F.cross_entropy
+            d_in, d_out = x.shape[1], (y.shape[1] if regression else int(max(y.max(), ey.max())) + 1)
+            build = lambda: nn.Linear(d_in, d_out)  # noqa: E731
+            detail = f"linear model {d_in} -> {d_out} ({'least squares' if regression else 'softmax regression'})"
         elif arch == "autoencoder":
             x, _, ex, _, data = self._images(g)
             x, ex = x.flatten(1), ex.flatten(1)
@@ -259,6 +282,25 @@ def _conv(side: int, classes: int, depth: int, channels: int, bn: bool, act: typ
         cin = channels
     layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(channels * 4, classes)]  # (n, c, 2, 2) -> logits
     return nn.Sequential(*layers)
+
+
+class _ResConvBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels, track_running_stats=False), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels, track_running_stats=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def _resconv(classes: int, blocks: int, channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(channels, track_running_stats=False), nn.ReLU(),
+                         *[_ResConvBlock(channels) for _ in range(blocks)],
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(channels * 4, classes))
 
 
 def _pick(n: int, g: torch.Generator) -> int:
