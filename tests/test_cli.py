@@ -176,6 +176,16 @@ def test_init_weights_from_the_command_line():
     torch.testing.assert_close(cli.model.rule.state_dict(), shipped.state_dict())
 
 
+def test_init_weights_of_a_run_not_yet_made_says_what_to_do(tmp_path):
+    """configs/general_wide.yaml continues another run's checkpoint: absent, the fit stops at its start, naming
+    the file and what to do."""
+    from lightning_l2l.nets.serialization import WeightsError
+
+    cli = L2LCLI(MetaLearner, args=["--config", str(ROOT / "configs" / "general_wide.yaml")], run=False)
+    with pytest.raises(WeightsError, match=r"step=150\.ckpt.*no such file.*run the config that writes it first.*general"):
+        cli.model.load_init_weights()
+
+
 def test_wandb_offline_run_holds_logged_metrics(tmp_path):
     config = ROOT / "configs" / "meta.yaml"
     cli = run(["fit", "--config", str(config), *SHRINK, "--trainer.log_every_n_steps=1"])

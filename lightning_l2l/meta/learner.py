@@ -180,11 +180,19 @@ class MetaLearner(L.LightningModule):
 
     def load_init_weights(self) -> None:
         """Copy ``init_weights`` into the rule (what a fit from scratch does at its start)."""
-        from lightning_l2l.pretrained import resolve
+        from lightning_l2l.nets.serialization import WeightsError
+        from lightning_l2l.pretrained import available, resolve
 
         weights = self.hparams.init_weights
         if weights is None:
             raise ValueError("init_weights is not set: there is nothing to load")
+        if str(weights).endswith((".ckpt", ".safetensors")) and not Path(weights).is_file():
+            raise WeightsError(
+                f"init_weights={weights!r}: no such file. A config that continues an earlier meta-training run "
+                "starts from that run's checkpoint: run the config that writes it first (its header says which), "
+                "or pass other weights (--model.init_weights NAME_OR_PATH; shipped names: "
+                f"{', '.join(available())}), or --model.init_weights=null to start from the rule's initialisation"
+            )
         source, _ = resolve(weights)
         if source.config() == self.rule.config():
             self.rule.load_state_dict(source.state_dict())
