@@ -28,8 +28,9 @@ above 10x its initial loss; a diverged run counts as its initial loss in the mea
 
 **--select** evaluates meta-training checkpoints (each at the update multipliers ``--select-lrs``) on
 ``--select-tasks`` validation tasks of ``GeneralFamily("val")`` (``--select-architectures``: of those
-architectures) at ``--select-steps`` steps (default 1,000, five times the meta-training horizon): the mean, median and worst over tasks of log(held-out loss of the
-rule / that of Adam at 1e-3), and on how many tasks the rule is better; the checkpoint to ship
+architectures) at ``--select-steps`` steps (default 1,000, five times the meta-training horizon): the mean,
+median and worst over tasks of log(held-out loss of the rule / that of Adam at 1e-3), and on how many tasks
+the rule is better; the checkpoint to ship
 (``l2l export --ckpt ... [--lr M]``) is chosen from these lines only.
 """
 

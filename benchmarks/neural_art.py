@@ -19,8 +19,8 @@ untuned, beside them. The learned rule runs at multiplier 1 (nothing tuned on te
 
 **Choosing a checkpoint** (``--select``): every candidate runs 128 steps on *validation* photographs only, with
 the training style at 64x64 and at 128x128 (:data:`SELECT_CONDITIONS`: the resolution of the second test, never
-its style), crops from their own seed stream, each rule at the update multipliers ``--select-lrs``; the score is the mean over both conditions of the mean log loss
-at step 128 (lower is better). Tuned Adam and L-BFGS (their 64x64 validation rates) run beside as a reference.
+its style), crops from their own seed stream, each rule at the update multipliers ``--select-lrs``; the score
+is the mean over both conditions of the mean log loss at step 128 (lower is better). Tuned Adam and L-BFGS (their 64x64 validation rates) run beside as a reference.
 Nothing here touches a test photograph or the new style.
 
 Writes ``--out``/README.md (tables: mean ± s.e.m. over test images), curves.csv, curves.png (Figure 8 style:

@@ -234,13 +234,13 @@ def packed_weights(rule: torch.nn.Module, pack: Callable[[], Any]) -> Any:
     The values are compared with a copy taken when the weights were packed, not by the parameters' version
     counters: ``p.data.copy_(...)`` (weights loaded by hand) changes a parameter without bumping its counter.
     A rule has a few thousand weights: the comparison costs microseconds a step."""
-    params = [p.detach() for p in rule.parameters()]
-    ids = tuple(id(p) for p in rule.parameters())
+    params = list(rule.parameters())
+    ids = tuple(map(id, params))
     with _lock:
         hit = _packed.get(rule)
     if hit is not None and hit[0] == ids and all(torch.equal(a, b) for a, b in zip(hit[1], params, strict=True)):
         return hit[2]
-    snapshot = [p.clone() for p in params]
+    snapshot = [p.detach().clone() for p in params]
     packed = pack()
     with _lock:
         _packed[rule] = (ids, snapshot, packed)

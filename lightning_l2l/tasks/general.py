@@ -228,15 +228,6 @@ class GeneralFamily(TaskFamily):
             classes, side = int(y.max()) + 1, x.shape[-1]
             build = lambda: _resconv(classes, blocks, channels)  # noqa: E731
             detail = f"conv stem and {blocks} residual blocks of {channels} (conv, batch norm, relu)"
-        elif arch == "linear":  # convex: softmax regression on images or clusters, least squares on a teacher
-            source = ("images", "clusters", "teacher")[_pick(3, g)]
-            x, y, ex, ey, data = self._images(g) if source == "images" else self._vectors(g, source)
-            x, ex = x.flatten(1), ex.flatten(1)
-            regression = source == "teacher"
-            loss_fn = F.mse_loss if regression else F.cross_entropy
-            d_in, d_out = x.shape[1], (y.shape[1] if regression else int(max(y.max(), ey.max())) + 1)
-            build = lambda: nn.Linear(d_in, d_out)  # noqa: E731
-            detail = f"linear model {d_in} -> {d_out} ({'least squares' if regression else 'softmax regression'})"
         elif arch == "autoencoder":
             x, _, ex, _, data = self._images(g)
             x, ex = x.flatten(1), ex.flatten(1)
@@ -245,22 +236,26 @@ class GeneralFamily(TaskFamily):
             build = lambda: nn.Sequential(*_mlp([d, width, code, width, d], act, False))  # noqa: E731
             detail = f"autoencoder {d}-{width}-{code}-{width}-{d}, {act_name}"
             data += ", reconstruction (MSE)"
-        else:  # mlp, resmlp: on images, clusters or a teacher
+        else:  # mlp, resmlp, linear: on images, clusters or a teacher
             source = ("images", "clusters", "teacher")[_pick(3, g)]
             x, y, ex, ey, data = self._images(g) if source == "images" else self._vectors(g, source)
             x, ex = x.flatten(1), ex.flatten(1)
             regression = source == "teacher"
             loss_fn = F.mse_loss if regression else F.cross_entropy
             d_in, d_out = x.shape[1], (y.shape[1] if regression else int(max(y.max(), ey.max())) + 1)
-            depth, ln = 1 + _pick(3, g), bool(_pick(2, g))
-            if arch == "mlp":
-                build = lambda: nn.Sequential(*_mlp([d_in] + [width] * depth + [d_out], act, ln))  # noqa: E731
-                detail = f"MLP {depth}x{width} {act_name}{', LayerNorm' if ln else ''}"
+            if arch == "linear":  # convex: softmax regression, or least squares on a teacher
+                build = lambda: nn.Linear(d_in, d_out)  # noqa: E731
+                detail = f"linear model {d_in} -> {d_out} ({'least squares' if regression else 'softmax regression'})"
             else:
-                build = lambda: nn.Sequential(  # noqa: E731
-                    nn.Linear(d_in, width), *[_ResBlock(width, act) for _ in range(depth)],
-                    nn.LayerNorm(width), nn.Linear(width, d_out))
-                detail = f"{depth} residual blocks of {width}, {act_name}"
+                depth, ln = 1 + _pick(3, g), bool(_pick(2, g))
+                if arch == "mlp":
+                    build = lambda: nn.Sequential(*_mlp([d_in] + [width] * depth + [d_out], act, ln))  # noqa: E731
+                    detail = f"MLP {depth}x{width} {act_name}{', LayerNorm' if ln else ''}"
+                else:
+                    build = lambda: nn.Sequential(  # noqa: E731
+                        nn.Linear(d_in, width), *[_ResBlock(width, act) for _ in range(depth)],
+                        nn.LayerNorm(width), nn.Linear(width, d_out))
+                    detail = f"{depth} residual blocks of {width}, {act_name}"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = build()
