@@ -21,6 +21,8 @@ from tests.wandb_records import history
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
+# attempts that did not ship, kept beside their write-ups to reproduce them: they must still parse
+ATTEMPT_CONFIGS = sorted((ROOT / "docs" / "results").glob("**/*.yaml"))
 # Shrink any config to a few seconds: a few short truncations of a short trajectory, one validation
 # and test task, 3 lrs.
 SHRINK = [
@@ -49,7 +51,7 @@ def test_configs_exist():
     assert ROOT / "configs" / "meta.yaml" in CONFIGS
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS + ATTEMPT_CONFIGS, ids=lambda p: p.name)
 def test_config_parses(config):
     cli = L2LCLI(MetaLearner, args=["--config", str(config), "--model.init_weights=null"], run=False)
     assert isinstance(cli.model, MetaLearner)

@@ -40,7 +40,7 @@ def test_docstring_defaults() -> None:
     assert defaults == {
         "lr": 1e-3, "hidden": 16, "layers": 2, "momentum_betas": (0.5, 0.9, 0.99), "rms_betas": (0.9, 0.99),
         "log_range": math.log(10.0), "clip": 3.0, "eps": 1e-8, "zero_init": True, "direction_scale": 1.0,
-        "decay_steps": 0.0, "decay_power": 0.5,
+        "decay_steps": 0.0, "decay_power": 0.5, "alignment_betas": (),
     }
     rule = MomentMLP()
     assert rule.num_features == 3 + 1 + 1  # three momenta, the gradient, one ratio of second moments
@@ -64,6 +64,7 @@ def test_docstring_defaults() -> None:
         ({"direction_scale": -0.5}, "Invalid direction_scale"),
         ({"decay_steps": -1.0}, "Invalid decay_steps"),
         ({"decay_power": float("nan")}, "Invalid decay_power"),
+        ({"alignment_betas": (0.9, 1.0)}, "Invalid alignment_betas"),
     ],
 )
 def test_invalid_args(kwargs: dict, match: str) -> None:
@@ -119,9 +120,10 @@ def test_first_step_and_clip() -> None:
     assert_close(u, torch.tensor([-0.25e-3, 0.25e-3], dtype=torch.float64))
 
 
-def test_updates_are_invariant_to_the_gradient_scale() -> None:
+@pytest.mark.parametrize("alignment_betas", [(), (0.5, 0.9)])
+def test_updates_are_invariant_to_the_gradient_scale(alignment_betas) -> None:
     """Multiplying every gradient by a constant changes nothing (down to eps): the inputs are normalised."""
-    rule = _random(MomentMLP(eps=1e-30).double())
+    rule = _random(MomentMLP(eps=1e-30, alignment_betas=alignment_betas).double())
     s1 = rule.init_state(64, dtype=torch.float64)
     s2 = rule.init_state(64, dtype=torch.float64)
     for step in range(12):
@@ -220,3 +222,78 @@ def test_step_time_benchmark_times_it() -> None:
     assert state == 6  # three momenta, two second moments, the step count
     assert flops == 2 * (5 * 16 + 16 * 16) + 2 * 16 * 2  # two hidden layers and the two-output head
     assert flops < bench.rule_costs(None, "learned")[1] / 10  # an order of magnitude below the paper's LSTM
+
+
+def _alignment_rule(**kwargs) -> MomentMLP:
+    return MomentMLP(alignment_betas=(0.5, 0.9), **kwargs).double()
+
+
+def test_alignment_features_say_whether_the_last_step_fell_short_or_overshot() -> None:
+    """A gradient that keeps its sign (the step fell short) gives alignments > 0; one that flips sign
+    every step (the step overshot) gives alignments < 0; both in state columns after the moments."""
+    rule = _alignment_rule()
+    assert rule.num_features == 5 + 2 and rule.state_size == 3 + 2 + 2 + 1
+    steady, flipping = rule.init_state(1, dtype=torch.float64), rule.init_state(1, dtype=torch.float64)
+    for step in range(30):
+        x_s, _, steady = rule.features(torch.tensor([2.0], dtype=torch.float64), steady)
+        x_f, _, flipping = rule.features(torch.tensor([(-1.0) ** step * 3.0], dtype=torch.float64), flipping)
+        if step == 0:  # no step before the first: nothing to align with
+            assert x_s[0, 5:].tolist() == [0.0, 0.0]
+    assert (x_s[0, 5:] > 0.5).all() and (x_f[0, 5:] < -0.05).all(), (x_s, x_f)
+    # the first five features are exactly those of the rule without alignments
+    plain, state = MomentMLP().double(), MomentMLP().double().init_state(1, dtype=torch.float64)
+    for step in range(30):
+        x_p, _, state = plain.features(torch.tensor([(-1.0) ** step * 3.0], dtype=torch.float64), state)
+    assert_close(x_p, x_f[:, :5], rtol=0, atol=0)
+    assert_close(state[:, :5], flipping[:, :5], rtol=0, atol=0)
+
+
+def test_widen_from_starts_as_the_source_rule_exactly() -> None:
+    """widen_from adds zero input weights for the alignments: the widened rule's updates equal the source's."""
+    source = _random(MomentMLP(lr=3e-3, decay_steps=100).double(), std=0.5)
+    wide = MomentMLP(lr=3e-3, decay_steps=100, alignment_betas=(0.5, 0.9)).double()
+    wide.widen_from(source)
+    s1, s2 = source.init_state(64, dtype=torch.float64), wide.init_state(64, dtype=torch.float64)
+    for step in range(10):
+        g = _grads(64, seed=step)
+        u1, s1 = source(g, s1)
+        u2, s2 = wide(g, s2)
+        assert_close(u1, u2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="differ only in alignment_betas"):
+        MomentMLP(lr=1e-3, alignment_betas=(0.9,)).widen_from(source)  # lr differs too
+
+
+def test_alignment_rule_round_trips_and_skips_the_fused_kernel(tmp_path) -> None:
+    """The config names alignment_betas only where set (a rule without them saves as before); save/load keeps
+    the updates; the frozen step (step_, which would take the fused kernel) equals forward."""
+    from lightning_l2l.nets.serialization import load_rule, save_rule
+
+    assert "alignment_betas" not in MomentMLP().config()["init_args"]
+    rule = _random(MomentMLP(alignment_betas=(0.9,)), std=0.3)
+    assert rule.config()["init_args"]["alignment_betas"] == [0.9]
+    save_rule(rule, tmp_path / "r")
+    loaded, _ = load_rule(tmp_path / "r")
+    g = torch.randn(50)
+    state = rule.init_state(50)
+    with torch.no_grad():
+        u, new = loaded(g, state.clone())
+        u_ref, new_ref = rule(g, state.clone())
+        stepped = state.clone()
+        u_step = rule.step_(g, stepped)
+    assert_close(u, u_ref, rtol=0, atol=0)
+    assert_close(u_step, u_ref, rtol=1e-6, atol=1e-9)
+    assert_close(stepped, new_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_meta_learner_widens_init_weights_without_alignments(tmp_path) -> None:
+    """init_weights from a rule without alignments (here the shipped `general`) widens into a rule with them."""
+    from lightning_l2l.pretrained import resolve
+
+    general = resolve("general")[0]
+    args = {k: v for k, v in general.config()["init_args"].items()}
+    rule = MomentMLP(**args, alignment_betas=(0.5, 0.9))
+    learner = MetaLearner(rule, QuadraticFamily(dim=4, num_functions=8), horizon=4, unroll=2, init_weights="general")
+    learner.load_init_weights()
+    assert_close(rule.head.weight, general.head.weight, rtol=0, atol=0)
+    assert_close(rule.mlp[0].weight[:, :5], general.mlp[0].weight, rtol=0, atol=0)
+    assert torch.count_nonzero(rule.mlp[0].weight[:, 5:]) == 0

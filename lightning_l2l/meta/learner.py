@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from lightning_l2l._distributed import destroy_process_group_at_exit
 from lightning_l2l.evaluation import DEFAULT_LR_GRID, LEARNED, Comparison, compare
-from lightning_l2l.nets import ZERO_GRADS, PerKindRule, UpdateRule
+from lightning_l2l.nets import ZERO_GRADS, MomentMLP, PerKindRule, UpdateRule
 from lightning_l2l.tasks import BatchedTask, Task, TaskFamily
 from lightning_l2l.trajectory import OBJECTIVES, STEP_WEIGHTS, Trajectory, frozen_run, rule_curve, unroll
 
@@ -196,6 +196,10 @@ class MetaLearner(L.LightningModule):
         source, _ = resolve(weights)
         if source.config() == self.rule.config():
             self.rule.load_state_dict(source.state_dict())
+            return
+        if (isinstance(self.rule, MomentMLP) and isinstance(source, MomentMLP) and self.rule.alignment_betas
+                and not source.alignment_betas):
+            self.rule.widen_from(source)  # raises, saying why, where the rules differ in more than that
             return
         if (isinstance(self.rule, PerKindRule) and not isinstance(source, PerKindRule)
                 and all(net.config() == source.config() for net in self.rule.networks.values())):

@@ -67,6 +67,7 @@ def fused_moments_supports(rule: MomentMLP, grad: Tensor, state: Tensor) -> bool
         and grad.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and state.is_contiguous()
         and state.shape == (grad.shape[0], rule.state_size)
+        and not rule.alignment_betas
         and all(isinstance(m, (nn.Linear, nn.ReLU)) for m in rule.mlp)
         and not (
             torch.is_grad_enabled()

@@ -77,6 +77,13 @@ class MomentMLP(UpdateRule):
             each coordinate's ``t``-th step (``0``: none). It needs no horizon: inverse-square-root decay
             (``decay_power=0.5``) goes on shrinking the step however long a run is.
         decay_power: the schedule's exponent.
+        alignment_betas: decay rates of running *alignments* (default none: off), one extra feature and
+            one state column each. The alignment is the running mean of ``(g * r) * (m_prev * r)``, the
+            normalised gradient times the normalised Adam direction of the step before (``m_prev``: the
+            bias-corrected 0.9 momentum before this gradient): positive where the last step did not go far
+            enough along the gradient, negative where it overshot (the gradient flipped). Scale-free like
+            every other feature; what a rule needs to tell a too-small step from a too-large one, which
+            moments alone say little about. Not supported by the fused kernel (the eager step runs).
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class MomentMLP(UpdateRule):
         direction_scale: float = 1.0,
         decay_steps: float = 0.0,
         decay_power: float = 0.5,
+        alignment_betas: Sequence[float] = (),
     ) -> None:
         super().__init__()
         if not (math.isfinite(lr) and lr > 0):
@@ -110,14 +118,19 @@ class MomentMLP(UpdateRule):
         for name, value in (("decay_steps", decay_steps), ("decay_power", decay_power)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0; decay_steps=0: no decay)")
+        align = _betas(alignment_betas, "alignment_betas") if len(alignment_betas) else ()
         self._record_init_args(locals())
         self._init_args.update(momentum_betas=list(mom), rms_betas=list(rms))
+        if align:
+            self._init_args["alignment_betas"] = list(align)
+        else:  # the config of a rule without alignments is what it was before they existed
+            self._init_args.pop("alignment_betas", None)
         self.lr, self.log_range, self.clip, self.eps = float(lr), float(log_range), float(clip), float(eps)
         self.direction_scale = float(direction_scale)
         self.decay_steps, self.decay_power = float(decay_steps), float(decay_power)
-        self.momentum_betas, self.rms_betas = mom, rms
+        self.momentum_betas, self.rms_betas, self.alignment_betas = mom, rms, align
         self._adam = mom.index(0.9)
-        self.num_features = len(mom) + 1 + (len(rms) - 1)
+        self.num_features = len(mom) + 1 + (len(rms) - 1) + len(align)
         sizes = [self.num_features] + [hidden] * layers
         blocks: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
@@ -128,10 +141,30 @@ class MomentMLP(UpdateRule):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def widen_from(self, source: MomentMLP) -> None:
+        """Copy ``source``'s weights into this rule, where this rule is ``source`` with ``alignment_betas`` added.
+
+        The new features' input weights start at zero, so the widened rule's updates are exactly
+        ``source``'s (meta-training then learns what the alignments are worth): how a run continues from
+        weights meta-trained without them (``MetaLearner(init_weights=...)``).
+        """
+        mine = {k: v for k, v in self.config()["init_args"].items() if k != "alignment_betas"}
+        theirs = {k: v for k, v in source.config()["init_args"].items() if k != "alignment_betas"}
+        if mine != theirs or source.alignment_betas or not self.alignment_betas:
+            raise ValueError(
+                f"cannot widen {source.config()} into {self.config()}: the rules must differ only in "
+                "alignment_betas, which the source must not have"
+            )
+        state = {k: v.clone() for k, v in source.state_dict().items()}
+        first = "mlp.0.weight" if len(self.mlp) else "head.weight"
+        w = state[first]
+        state[first] = torch.cat([w, w.new_zeros(w.shape[0], len(self.alignment_betas))], dim=1)
+        self.load_state_dict(state)
+
     @property
     def state_size(self) -> int:
-        """Columns of the per-coordinate state: the moments, then the step count."""
-        return len(self.momentum_betas) + len(self.rms_betas) + 1
+        """Columns of the per-coordinate state: the moments, the alignments, then the step count."""
+        return len(self.momentum_betas) + len(self.rms_betas) + len(self.alignment_betas) + 1
 
     def init_state(
         self,
@@ -153,9 +186,10 @@ class MomentMLP(UpdateRule):
         # from the Python floats in the state's dtype (a float32 buffer cast to float64 would keep float32's rounding)
         mom_b = torch.tensor(self.momentum_betas, dtype=state.dtype, device=state.device)  # (len(momentum_betas),)
         rms_b = torch.tensor(self.rms_betas, dtype=state.dtype, device=state.device)  # (len(rms_betas),)
+        nr, na = len(self.rms_betas), len(self.alignment_betas)
         t = state[:, -1:] + 1
         m = mom_b * state[:, :nm] + (1 - mom_b) * g
-        v = rms_b * state[:, nm:-1] + (1 - rms_b) * g * g
+        v = rms_b * state[:, nm : nm + nr] + (1 - rms_b) * g * g
         # bias correction per coordinate (a coordinate skipped for a zero gradient keeps its own t)
         m_hat = m / (1 - mom_b**t)
         v_hat = v / (1 - rms_b**t)
@@ -164,8 +198,16 @@ class MomentMLP(UpdateRule):
         feats = [m_hat * r, g * r]  # (n, len(momentum_betas)), (n, 1)
         if v_hat.shape[1] > 1:  # (n, len(rms_betas) - 1): is the gradient's scale rising or falling?
             feats.append(0.5 * torch.log((v_hat[:, :-1] + eps2) / (v_hat[:, -1:] + eps2)))
+        parts = [m, v]
+        if na:  # running means of (g r) (m_prev r): did the last step fall short (> 0) or overshoot (< 0)?
+            al_b = torch.tensor(self.alignment_betas, dtype=state.dtype, device=state.device)  # (na,)
+            m_prev = state[:, self._adam : self._adam + 1] / (1 - mom_b[self._adam] ** (t - 1)).clamp_min(1e-12)
+            prod = ((g * r).clamp(-FEATURE_CLAMP, FEATURE_CLAMP) * (m_prev * r).clamp(-FEATURE_CLAMP, FEATURE_CLAMP))
+            a = al_b * state[:, nm + nr : nm + nr + na] + (1 - al_b) * prod
+            feats.append(a / (1 - al_b**t))
+            parts.append(a)
         x = torch.cat(feats, dim=1).clamp(-FEATURE_CLAMP, FEATURE_CLAMP)
-        new_state = torch.cat([m, v, t], dim=1)
+        new_state = torch.cat([*parts, t], dim=1)
         return x, (m_hat[:, self._adam] * r[:, 0]), new_state
 
     def step_(
