@@ -41,6 +41,8 @@ RULES = {
         MomentMLP(hidden=8, layers=1, momentum_betas=(0.9,), rms_betas=(0.999,), decay_steps=10.0, decay_power=1.0)
     ),
     "no hidden layer": lambda: _trained_like(MomentMLP(layers=0, rms_betas=(0.5, 0.9, 0.999))),
+    "alignments": lambda: _trained_like(MomentMLP(lr=3e-3, decay_steps=100.0, alignment_betas=(0.5, 0.9))),
+    "one alignment, no hidden layer": lambda: _trained_like(MomentMLP(layers=0, alignment_betas=(0.99,))),
 }
 
 

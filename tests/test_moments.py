@@ -263,9 +263,9 @@ def test_widen_from_starts_as_the_source_rule_exactly() -> None:
         MomentMLP(lr=1e-3, alignment_betas=(0.9,)).widen_from(source)  # lr differs too
 
 
-def test_alignment_rule_round_trips_and_skips_the_fused_kernel(tmp_path) -> None:
+def test_alignment_rule_round_trips_and_its_frozen_step_matches_forward(tmp_path) -> None:
     """The config names alignment_betas only where set (a rule without them saves as before); save/load keeps
-    the updates; the frozen step (step_, which would take the fused kernel) equals forward."""
+    the updates; the frozen step (step_: the fused kernel where it builds) equals forward."""
     from lightning_l2l.nets.serialization import load_rule, save_rule
 
     assert "alignment_betas" not in MomentMLP().config()["init_args"]

@@ -31,14 +31,15 @@ __all__ = ["fused_moments_status", "fused_moments_step", "fused_moments_supports
 _SOURCE = Path(__file__).with_name("_kernels") / "moments_step.c"
 
 
-def _shape(rule: MomentMLP) -> tuple[int, int, int, int]:
+def _shape(rule: MomentMLP) -> tuple[int, int, int, int, int]:
     layers = sum(isinstance(m, nn.Linear) for m in rule.mlp)
-    return len(rule.momentum_betas), len(rule.rms_betas), rule.head.in_features, layers
+    return len(rule.momentum_betas), len(rule.rms_betas), rule.head.in_features, layers, len(rule.alignment_betas)
 
 
 @functools.cache
-def _library(nm: int, nr: int, hidden: int, layers: int) -> tuple[ctypes.CDLL | None, str]:
-    lib, why = build(_SOURCE, [f"-DNM={nm}", f"-DNR={nr}", f"-DHID={hidden}", f"-DNL={layers}"])
+def _library(nm: int, nr: int, hidden: int, layers: int, na: int = 0) -> tuple[ctypes.CDLL | None, str]:
+    flags = [f"-DNM={nm}", f"-DNR={nr}", f"-DHID={hidden}", f"-DNL={layers}"]
+    lib, why = build(_SOURCE, flags + ([f"-DNA={na}"] if na else []))
     if lib is None:
         return None, why
     f, i64, i32 = ctypes.c_float, ctypes.c_int64, ctypes.c_int
@@ -50,7 +51,7 @@ def _library(nm: int, nr: int, hidden: int, layers: int) -> tuple[ctypes.CDLL | 
 
 def fused_moments_status(rule: MomentMLP | None = None) -> str | None:
     """``None`` if the fused step runs here for ``rule``'s shape (default ``MomentMLP()``'s), else why not."""
-    shape = _shape(rule) if rule is not None else (3, 2, 16, 2)
+    shape = _shape(rule) if rule is not None else (3, 2, 16, 2, 0)
     return _library(*shape)[1] or None
 
 
@@ -67,7 +68,6 @@ def fused_moments_supports(rule: MomentMLP, grad: Tensor, state: Tensor) -> bool
         and grad.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and state.is_contiguous()
         and state.shape == (grad.shape[0], rule.state_size)
-        and not rule.alignment_betas
         and all(isinstance(m, (nn.Linear, nn.ReLU)) for m in rule.mlp)
         and not (
             torch.is_grad_enabled()
@@ -78,7 +78,7 @@ def fused_moments_supports(rule: MomentMLP, grad: Tensor, state: Tensor) -> bool
 
 
 class _Packed(NamedTuple):
-    beta: Tensor  # (NM + NR,) the decay rates in float32, as the eager rule rounds them
+    beta: Tensor  # (NM + NR + NA,) the decay rates in float32, as the eager rule rounds them
     logb: Tensor  # their logs (float64, then rounded)
     w: Tensor  # per hidden layer its weight (HID, inputs) and bias, then the head's weight (2, inputs) and bias
 
@@ -88,7 +88,7 @@ def _weights(rule: MomentMLP) -> _Packed:
 
 
 def _pack(rule: MomentMLP) -> _Packed:
-    beta = torch.tensor([*rule.momentum_betas, *rule.rms_betas], dtype=torch.float32)
+    beta = torch.tensor([*rule.momentum_betas, *rule.rms_betas, *rule.alignment_betas], dtype=torch.float32)
     linears = [m for m in rule.mlp if isinstance(m, nn.Linear)] + [rule.head]
     with torch.no_grad():
         w = torch.cat([t.detach().float().reshape(-1) for m in linears for t in (m.weight, m.bias)]).contiguous()

@@ -83,7 +83,7 @@ class MomentMLP(UpdateRule):
             bias-corrected 0.9 momentum before this gradient): positive where the last step did not go far
             enough along the gradient, negative where it overshot (the gradient flipped). Scale-free like
             every other feature; what a rule needs to tell a too-small step from a too-large one, which
-            moments alone say little about. Not supported by the fused kernel (the eager step runs).
+            moments alone say little about.
     """
 
     def __init__(

@@ -6,7 +6,7 @@
  * VW coordinates at a time, one per vector lane: every feature, hidden unit and output is one vector, and the
  * MLP's weights are broadcast scalars, so the 700-odd FLOPs of a coordinate run as full-width FMAs and the
  * state is read and written once. Compile-time constants: NM (momenta), NR (second moments), HID (hidden
- * units), NL (hidden layers, >= 0).
+ * units), NL (hidden layers, >= 0), NA (alignments, default 0).
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,6 +17,9 @@
 
 #if !defined(NM) || !defined(NR) || !defined(HID) || !defined(NL)
 #error "compile with -DNM=<momenta> -DNR=<second moments> -DHID=<hidden> -DNL=<hidden layers>"
+#endif
+#ifndef NA
+#define NA 0
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX__)
@@ -29,8 +32,8 @@
 #else
 #define VW 4
 #endif
-#define NF (NM + 1 + (NR - 1)) /* features */
-#define NS (NM + NR + 1)       /* state columns: momenta, second moments, step count */
+#define NF (NM + 1 + (NR - 1) + NA) /* features */
+#define NS (NM + NR + NA + 1)       /* state columns: momenta, second moments, alignments, step count */
 
 typedef float vf __attribute__((vector_size(4 * VW), aligned(4 * VW)));
 typedef int32_t vi __attribute__((vector_size(4 * VW), aligned(4 * VW)));
@@ -120,8 +123,8 @@ static inline vf vsqrt(vf x) {
 
 /* Args:
  *   n: coordinates; grad (n,); keep (n,) or NULL: a coordinate with keep[i] == 0 gets update 0 and keeps its
- *   state; state (n, NS) [momenta, second moments, t], updated in place; update (n,), written.
- *   beta: the NM + NR decay rates (float32, as the eager rule rounds them), logb: their logs.
+ *   state; state (n, NS) [momenta, second moments, alignments, t], updated in place; update (n,), written.
+ *   beta: the NM + NR + NA decay rates (float32, as the eager rule rounds them), logb: their logs.
  *   w: per hidden layer its (HID, inputs) weights then (HID,) bias; then the head's (2, HID or NF) and (2,).
  *   adam: the index of the 0.9 momentum; limit: the gradient's clamp; lr, log_range, clip, eps, dscale:
  *   MomentMLP's; decay_steps, decay_power: its schedule (decay_steps <= 0: none). */
@@ -156,6 +159,17 @@ static void block(int m, const float *grad, const uint8_t *keep, float *state, f
         vf lg = 0.5f * vlog(vclamp(ratio, 1e-30f, 1e30f)); /* past the clamp of +-10 either way */
         x[NM + 1 + j] = vclamp(lg, -10.0f, 10.0f);
     }
+    /* alignments: running means of (g r)(m_prev r), m_prev the bias-corrected 0.9 momentum before this gradient */
+    vf al[NA > 0 ? NA : 1];
+    if (NA > 0) {
+        const vf prev = vmax(-vexpm1((t - 1.0f) * logb[adam]), (vf){} + 1e-12f); /* 1 - beta^(t-1), 0 at t = 1 */
+        const vf prod = vclamp(g * r, -10.0f, 10.0f) * vclamp(vload(st[adam]) / prev * r, -10.0f, 10.0f);
+        for (int k = 0; k < NA; ++k) {
+            const float b = beta[NM + NR + k];
+            al[k] = b * vload(st[NM + NR + k]) + (1.0f - b) * prod;
+            x[NM + NR + k] = vclamp(al[k] / -vexpm1(t * logb[NM + NR + k]), -10.0f, 10.0f);
+        }
+    }
     /* the MLP: unit u of a layer = relu(b_u + sum_i W_ui in_i), coordinates in the lanes */
     vf hbuf[2][HID > NF ? HID : NF];
     const vf *in = x;
@@ -186,6 +200,7 @@ static void block(int m, const float *grad, const uint8_t *keep, float *state, f
     vf u = -step * direction;
     for (int k = 0; k < NM; ++k) vstore(st[k], mom[k]);
     for (int j = 0; j < NR; ++j) vstore(st[NM + j], v[j]);
+    for (int k = 0; k < NA; ++k) vstore(st[NM + NR + k], al[k]);
     vstore(st[NS - 1], t);
     float ub[VW] __attribute__((aligned(64)));
     vstore(ub, u);
