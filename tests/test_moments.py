@@ -286,14 +286,20 @@ def test_alignment_rule_round_trips_and_its_frozen_step_matches_forward(tmp_path
 
 
 def test_meta_learner_widens_init_weights_without_alignments(tmp_path) -> None:
-    """init_weights from a rule without alignments (here the shipped `general`) widens into a rule with them."""
+    """init_weights from a rule without alignments (saved weights) widens into a rule with them; the rule's own
+    config (the shipped `general` has alignments) loads as it is."""
+    from lightning_l2l.nets.serialization import save_rule
     from lightning_l2l.pretrained import resolve
 
-    general = resolve("general")[0]
-    args = {k: v for k, v in general.config()["init_args"].items()}
-    rule = MomentMLP(**args, alignment_betas=(0.5, 0.9))
-    learner = MetaLearner(rule, QuadraticFamily(dim=4, num_functions=8), horizon=4, unroll=2, init_weights="general")
+    source = _random(MomentMLP(lr=3e-3, decay_steps=100.0), std=0.3)
+    path = save_rule(source, tmp_path / "narrow")
+    rule = MomentMLP(lr=3e-3, decay_steps=100.0, alignment_betas=(0.5, 0.9))
+    learner = MetaLearner(rule, QuadraticFamily(dim=4, num_functions=8), horizon=4, unroll=2, init_weights=str(path))
     learner.load_init_weights()
-    assert_close(rule.head.weight, general.head.weight, rtol=0, atol=0)
-    assert_close(rule.mlp[0].weight[:, :5], general.mlp[0].weight, rtol=0, atol=0)
+    assert_close(rule.head.weight, source.head.weight, rtol=0, atol=0)
+    assert_close(rule.mlp[0].weight[:, :5], source.mlp[0].weight, rtol=0, atol=0)
     assert torch.count_nonzero(rule.mlp[0].weight[:, 5:]) == 0
+    general = resolve("general")[0]
+    same = MomentMLP(**general.config()["init_args"])
+    MetaLearner(same, QuadraticFamily(dim=4, num_functions=8), horizon=4, unroll=2, init_weights="general").load_init_weights()
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), general.state_dict().values(), strict=True))
