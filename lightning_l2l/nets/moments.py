@@ -195,14 +195,15 @@ class MomentMLP(UpdateRule):
         v_hat = v / (1 - rms_b**t)
         eps2 = self.eps**2
         r = 1.0 / (v_hat[:, -1:].sqrt() + self.eps)  # (n, 1): Adam's normaliser
-        feats = [m_hat * r, g * r]  # (n, len(momentum_betas)), (n, 1)
+        gr = g * r  # (n, 1): the normalised gradient
+        feats = [m_hat * r, gr]  # (n, len(momentum_betas)), (n, 1)
         if v_hat.shape[1] > 1:  # (n, len(rms_betas) - 1): is the gradient's scale rising or falling?
             feats.append(0.5 * torch.log((v_hat[:, :-1] + eps2) / (v_hat[:, -1:] + eps2)))
         parts = [m, v]
         if na:  # running means of (g r) (m_prev r): did the last step fall short (> 0) or overshoot (< 0)?
             al_b = torch.tensor(self.alignment_betas, dtype=state.dtype, device=state.device)  # (na,)
             m_prev = state[:, self._adam : self._adam + 1] / (1 - mom_b[self._adam] ** (t - 1)).clamp_min(1e-12)
-            prod = ((g * r).clamp(-FEATURE_CLAMP, FEATURE_CLAMP) * (m_prev * r).clamp(-FEATURE_CLAMP, FEATURE_CLAMP))
+            prod = gr.clamp(-FEATURE_CLAMP, FEATURE_CLAMP) * (m_prev * r).clamp(-FEATURE_CLAMP, FEATURE_CLAMP)
             a = al_b * state[:, nm + nr : nm + nr + na] + (1 - al_b) * prod
             feats.append(a / (1 - al_b**t))
             parts.append(a)
